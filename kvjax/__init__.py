@@ -1,0 +1,39 @@
+"""kvjax: a functional, quantized KV cache for JAX decoding loops."""
+
+from kvjax._affine import AffineCodes
+from kvjax._attention import attend
+from kvjax._backend import backend_info
+from kvjax._formats import RawValues
+from kvjax._ops import dequantize
+from kvjax._ops import quantize
+from kvjax._spec import CacheSpec
+from kvjax._state import KVCache
+from kvjax._state import init
+from kvjax._transforms import append
+from kvjax._transforms import check
+from kvjax._transforms import clear
+from kvjax._transforms import evict
+from kvjax._transforms import migrate
+from kvjax._views import materialize
+from kvjax._views import stats
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "AffineCodes",
+    "CacheSpec",
+    "KVCache",
+    "RawValues",
+    "append",
+    "attend",
+    "backend_info",
+    "check",
+    "clear",
+    "dequantize",
+    "evict",
+    "init",
+    "materialize",
+    "migrate",
+    "quantize",
+    "stats",
+)

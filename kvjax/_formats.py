@@ -1,0 +1,147 @@
+"""Store formats: how a block of `[H, T, D]` float32 values is encoded.
+
+Every format encodes groups along the last axis and keeps the token axis of
+each leaf in the same place as the input's, so the cache can write, slice and
+scatter encoded tokens leaf by leaf. Attention never decodes a block of an
+affine format: `scores` and `weighted_sum` use the per-token affine algebra
+
+    q . k_t = s_t (q . c_t) + z_t sum(q)
+    sum_t p_t v_t = sum_t (p_t s_t) c_t + sum_t p_t z_t
+
+so only the small integer codes are read.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import _affine
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class RawValues(NamedTuple):
+  """Unquantized values. `data: [..., D]` float32, or uint16 bits for the
+  16-bit dtypes (XLA:CPU never updates a bfloat16 buffer in place)."""
+  data: jax.Array
+
+
+def _einsum(spec, a, b):
+  return jnp.einsum(spec, a, b, precision=_HIGHEST,
+                    preferred_element_type=jnp.float32)
+
+
+class RawFormat:
+  """An unquantized store or hot tier in float32, bfloat16 or float16."""
+
+  def __init__(self, name: str, dtype):
+    self.name = name
+    self.dtype = jnp.dtype(dtype)
+    self.storage_dtype = (jnp.dtype(jnp.float32) if self.dtype.itemsize == 4
+                          else jnp.dtype(jnp.uint16))
+
+  def head_dim_problem(self, head_dim):
+    del head_dim
+    return None
+
+  def encode(self, x) -> RawValues:
+    x = jnp.asarray(x, jnp.float32).astype(self.dtype)
+    if self.storage_dtype != self.dtype:
+      x = jax.lax.bitcast_convert_type(x, self.storage_dtype)
+    return RawValues(x)
+
+  def decode(self, enc: RawValues):
+    x = enc.data
+    if self.storage_dtype != self.dtype:
+      x = jax.lax.bitcast_convert_type(x, self.dtype)
+    return x.astype(jnp.float32)
+
+  def empty(self, prefix, head_dim) -> RawValues:
+    return RawValues(jnp.zeros((*prefix, head_dim), self.storage_dtype))
+
+  def scores(self, q, block):
+    """`q: [H, M, D]` float32, block leaves `[H, B, ...]` -> `[H, M, B]`."""
+    return _einsum("hmd,hbd->hmb", q, self.decode(block))
+
+  def weighted_sum(self, p, block):
+    """`p: [H, M, B]` float32 -> `sum_b p[h, m, b] v[h, b]`: `[H, M, D]`."""
+    return _einsum("hmb,hbd->hmd", p, self.decode(block))
+
+
+class AffineFormat:
+  """Per-token asymmetric affine codes (q8, q4); see `_affine`."""
+
+  def __init__(self, name: str, params: _affine.AffineParams):
+    self.name = name
+    self.params = params
+
+  def head_dim_problem(self, head_dim):
+    if head_dim % self.params.codes_per_byte:
+      return f"must be a multiple of {self.params.codes_per_byte}"
+    return None
+
+  def encode(self, x) -> _affine.AffineCodes:
+    return _affine.encode(x, self.params)
+
+  def decode(self, enc):
+    return _affine.decode(enc, self.params)
+
+  def empty(self, prefix, head_dim) -> _affine.AffineCodes:
+    width = head_dim // self.params.codes_per_byte
+    return _affine.AffineCodes(jnp.zeros((*prefix, width), jnp.uint8),
+                               jnp.ones(prefix, jnp.float32),
+                               jnp.zeros(prefix, jnp.float32))
+
+  def _query_planes(self, q):
+    if self.params.codes_per_byte == 1:
+      return (q,)
+    return (q[..., 0::2], q[..., 1::2])
+
+  def scores(self, q, block):
+    planes = _affine.code_planes(block.codes, self.params)
+    dots = sum(_einsum("hmd,hbd->hmb", qp, cp)
+               for qp, cp in zip(self._query_planes(q), planes))
+    q_sum = jnp.sum(q, axis=-1)[..., None]  # [H, M, 1]
+    return dots * block.scale[:, None, :] + q_sum * block.zero[:, None, :]
+
+  def weighted_sum(self, p, block):
+    planes = _affine.code_planes(block.codes, self.params)
+    ps = p * block.scale[:, None, :]
+    parts = [_einsum("hmb,hbd->hmd", ps, cp) for cp in planes]
+    coded = parts[0] if len(parts) == 1 else jnp.stack(parts, -1).reshape(
+        *parts[0].shape[:-1], -1)
+    offset = _einsum("hmb,hb->hm", p, block.zero)
+    return coded + offset[..., None]
+
+
+FORMATS = {
+    "f32": RawFormat("f32", jnp.float32),
+    "bf16": RawFormat("bf16", jnp.bfloat16),
+    "f16": RawFormat("f16", jnp.float16),
+    "q8": AffineFormat("q8", _affine.Q8),
+    "q4": AffineFormat("q4", _affine.Q4),
+}
+
+HOT_FORMATS = {"float32": FORMATS["f32"], "bfloat16": FORMATS["bf16"],
+               "float16": FORMATS["f16"]}
+
+
+def get(fmt):
+  """The format object for a name (or a format object itself)."""
+  if isinstance(fmt, (RawFormat, AffineFormat)):
+    return fmt
+  if isinstance(fmt, str) and fmt in FORMATS:
+    return FORMATS[fmt]
+  raise ValueError(
+      f"fmt: unknown store format {fmt!r}; expected one of {tuple(FORMATS)}")
+
+
+def bytes_per_slot(enc, slots: int) -> int:
+  """Bytes one token occupies in an encoded buffer with `slots` tokens."""
+  total = sum(int(np.prod(a.shape)) * a.dtype.itemsize
+              for a in jax.tree.leaves(enc))
+  return total // slots if slots else 0

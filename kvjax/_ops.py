@@ -1,0 +1,37 @@
+"""`quantize` / `dequantize`: the store formats as standalone ops."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from kvjax import _backend, _formats
+
+
+def quantize(x, fmt, *, backend=None):
+  """Encodes `x: [..., D]` (cast to float32) with a store format.
+
+  Args:
+    x: `[..., D]`; every leading axis is a batch of groups.
+    fmt: a format name ("q8", "q4", "f32", "bf16", "f16").
+    backend: "jax", "ffi" or "auto"; default `$KVJAX_BACKEND` or "auto".
+
+  Returns:
+    The format's NamedTuple: `AffineCodes(codes, scale, zero)` for q8/q4
+    (`numerics.md`), `RawValues(data)` for the unquantized formats.
+  """
+  fmt = _formats.get(fmt)
+  _backend.resolve(backend)
+  x = jnp.asarray(x)
+  if x.ndim < 1:
+    raise ValueError(f"x: expected shape [..., D], got {x.shape}")
+  problem = fmt.head_dim_problem(x.shape[-1])
+  if problem:
+    raise ValueError(f"x: last axis (D={x.shape[-1]}) {problem} for {fmt.name!r}")
+  return fmt.encode(x.astype(jnp.float32))
+
+
+def dequantize(encoded, fmt, *, backend=None):
+  """Decodes what `quantize` returned to float32 `[..., D]`."""
+  fmt = _formats.get(fmt)
+  _backend.resolve(backend)
+  return fmt.decode(encoded)

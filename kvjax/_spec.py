@@ -1,0 +1,84 @@
+"""`CacheSpec`: the static configuration of a cache, validated at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kvjax import _formats
+
+HOT_DTYPES = ("float32", "bfloat16", "float16")
+OVERFLOW_MODES = ("slide", "error")
+
+
+def _require(ok: bool, field: str, rule: str, value) -> None:
+  if not ok:
+    raise ValueError(f"CacheSpec.{field}: {rule} (got {value!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+  """Static configuration of a `KVCache`. Frozen and hashable.
+
+  Attributes:
+    num_kv_heads: H, the number of key/value heads.
+    head_dim: D, the size of one head's key or value vector.
+    capacity: most tokens retained and attended over (sinks included).
+    tail: newest tokens always kept in `hot_dtype`.
+    migrate_batch: tokens moved from the tail into the store at once.
+    sinks: first tokens of the sequence kept in `hot_dtype` forever.
+    hot_dtype: "float32" | "bfloat16" | "float16", the dtype of tail and sinks.
+    store: store format name, see `kvjax.formats()`.
+    overflow: "slide" drops the oldest non-sink tokens when full; "error"
+      rejects new tokens and records how many (see `kvjax.check`).
+
+  Raises:
+    ValueError: naming the field and the rule, for any invalid combination.
+  """
+
+  num_kv_heads: int = 8
+  head_dim: int = 128
+  capacity: int = 4096
+  tail: int = 256
+  migrate_batch: int = 64
+  sinks: int = 0
+  hot_dtype: str = "bfloat16"
+  store: str = "q4"
+  overflow: str = "slide"
+
+  def __post_init__(self):
+    for name in ("num_kv_heads", "head_dim", "capacity", "tail",
+                 "migrate_batch", "sinks"):
+      value = getattr(self, name)
+      _require(isinstance(value, int) and not isinstance(value, bool), name,
+               "must be a Python int", value)
+    _require(self.num_kv_heads >= 1, "num_kv_heads", "must be >= 1",
+             self.num_kv_heads)
+    _require(self.head_dim >= 1, "head_dim", "must be >= 1", self.head_dim)
+    _require(self.tail >= 0, "tail", "must be >= 0", self.tail)
+    _require(self.migrate_batch >= 1, "migrate_batch", "must be >= 1",
+             self.migrate_batch)
+    _require(self.sinks >= 0, "sinks", "must be >= 0", self.sinks)
+    _require(self.hot_dtype in HOT_DTYPES, "hot_dtype",
+             f"must be one of {HOT_DTYPES}", self.hot_dtype)
+    _require(self.overflow in OVERFLOW_MODES, "overflow",
+             f"must be one of {OVERFLOW_MODES}", self.overflow)
+    _require(isinstance(self.store, str) and self.store in _formats.FORMATS,
+             "store", f"must be one of {tuple(_formats.FORMATS)}", self.store)
+    fmt = _formats.FORMATS[self.store]
+    problem = fmt.head_dim_problem(self.head_dim)
+    _require(problem is None, "head_dim", f"{problem} for store={self.store!r}",
+             self.head_dim)
+    needed = self.sinks + self.tail + self.migrate_batch
+    _require(self.capacity >= needed, "capacity",
+             f"must be >= sinks + tail + migrate_batch = {needed}",
+             self.capacity)
+
+  @property
+  def store_slots(self) -> int:
+    """Ring size of the store: every retained non-sink token has a slot."""
+    return self.capacity - self.sinks
+
+  @property
+  def tail_slots(self) -> int:
+    """Ring size of the tail: it never holds `tail + migrate_batch` tokens."""
+    return self.tail + self.migrate_batch

@@ -1,0 +1,181 @@
+"""Pure cache transforms: append, migrate, evict, clear, check.
+
+Each costs O(tokens appended), never O(capacity): appends scatter rows into
+the rings (in place when the cache is donated or a loop carry), and migrating
+or evicting only moves counters (see `_state`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+from kvjax import _state
+from kvjax._state import KVCache
+
+
+def _check_tokens(name: str, x, spec) -> None:
+  shape = getattr(x, "shape", None)
+  dtype = getattr(x, "dtype", None)
+  want = f"[n, {spec.num_kv_heads}, {spec.head_dim}]"
+  if shape is None or len(shape) != 3 or shape[0] < 1 or tuple(shape[1:]) != (
+      spec.num_kv_heads, spec.head_dim):
+    raise ValueError(f"{name}: expected shape {want} with n >= 1 "
+                     f"(num_kv_heads, head_dim from the spec), got {shape}")
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"{name}: expected a float dtype, got {dtype}")
+
+
+def _scatter_rows(buffers, rows, index):
+  """Writes `rows` (leaves `[H, n, ...]`) into `buffers` (leaves `[H, slots,
+  ...]`) at token slots `index: [n]`; an index equal to `slots` is dropped."""
+  return jax.tree.map(lambda b, r: b.at[:, index].set(r, mode="drop"),
+                      buffers, rows)
+
+
+def _tail_after(tail_count, added, spec):
+  """Tail size after `added` more tokens, migrating whole batches whenever it
+  reaches `tail + migrate_batch` (closed form of doing it token by token)."""
+  c = tail_count + added
+  full = spec.tail + spec.migrate_batch
+  return jnp.where(c < full, c, spec.tail + jnp.mod(c - spec.tail,
+                                                    spec.migrate_batch))
+
+
+def append(cache: KVCache, k, v, n_valid=None) -> KVCache:
+  """Appends tokens to the cache.
+
+  Args:
+    cache: a `KVCache`.
+    k, v: `[n, H, D]`, any float dtype, `n >= 1` (static). Rounded to the
+      spec's `hot_dtype` first; the store encodes the rounded values.
+    n_valid: optional int32 scalar (may be traced): only the first `n_valid`
+      tokens are appended, the rest are padding and ignored entirely.
+
+  Returns:
+    The new cache. Tokens get positions `length, length + 1, ...`.
+
+  Raises:
+    ValueError: at trace time, if `k` or `v` has the wrong shape or dtype.
+  """
+  _state.require_single(cache, "append")
+  spec = cache.spec
+  _check_tokens("k", k, spec)
+  _check_tokens("v", v, spec)
+  if k.shape != v.shape:
+    raise ValueError(f"v: expected the same shape as k {k.shape}, got {v.shape}")
+  n = k.shape[0]
+  if n_valid is None:
+    n_valid = jnp.int32(n)
+  else:
+    if jnp.ndim(n_valid):
+      raise ValueError(f"n_valid: expected a scalar, got shape {jnp.shape(n_valid)}")
+    n_valid = jnp.clip(jnp.asarray(n_valid, jnp.int32), 0, n)
+
+  if spec.overflow == "error":
+    accepted = jnp.minimum(n_valid, spec.capacity - _state.retained(cache))
+  else:
+    accepted = n_valid
+  refused = n_valid - accepted
+  if spec.overflow == "error":
+    # Only here: a debug_check puts an effect in the jaxpr, which moves every
+    # call off jit's fast dispatch path (~0.3 ms on CPU).
+    checkify.debug_check(
+        refused == 0, "kvjax.append: overflow='error' and the cache is full: "
+        "rejected {} tokens", refused)
+
+  hot, store = _state.hot_format(spec), _state.store_format(spec)
+  row = jnp.arange(n, dtype=jnp.int32)
+  pos = cache.length + row
+  new_length = cache.length + accepted
+  new_end = jnp.maximum(new_length - spec.sinks, 0)
+  j = pos - spec.sinks  # non-sink index
+  ok = row < accepted
+
+  def ring_index(keep, slots):
+    return jnp.where(keep, jnp.mod(j, slots), slots)
+
+  sink_index = jnp.where(ok & (pos < spec.sinks), pos, spec.sinks)
+  live = ok & (j >= 0)
+  # Within one call only the newest `slots` tokens can survive in a ring, so
+  # indices never collide.
+  tail_index = ring_index(live & (j >= new_end - spec.tail_slots), spec.tail_slots)
+  store_index = ring_index(live & (j >= new_end - spec.store_slots),
+                           spec.store_slots)
+
+  new = {}
+  for name, x in (("k", k), ("v", v)):
+    hot_rows = hot.encode(jnp.swapaxes(x, 0, 1))  # [H, n, D], rounded
+    store_rows = store.encode(hot.decode(hot_rows))
+    new["sink_" + name] = _scatter_rows(getattr(cache, "sink_" + name),
+                                        hot_rows, sink_index)
+    new["tail_" + name] = _scatter_rows(getattr(cache, "tail_" + name),
+                                        hot_rows, tail_index)
+    new["store_" + name] = _scatter_rows(getattr(cache, "store_" + name),
+                                         store_rows, store_index)
+
+  added = new_end - _state.nonsink_count(cache)
+  evicted = cache.evicted
+  if spec.overflow == "slide":
+    evicted = jnp.maximum(evicted, new_end - spec.store_slots)
+  return KVCache(**new, length=new_length, evicted=evicted,
+                 tail_count=_tail_after(cache.tail_count, added, spec),
+                 rejected=cache.rejected + refused, spec=spec)
+
+
+def migrate(cache: KVCache) -> KVCache:
+  """Moves every tail token beyond the newest `tail` into the store now.
+
+  Only a counter changes: the store already holds every token's codes.
+  """
+  _state.require_single(cache, "migrate")
+  return dataclasses.replace(
+      cache, tail_count=jnp.minimum(cache.tail_count, cache.spec.tail))
+
+
+def evict(cache: KVCache, n) -> KVCache:
+  """Drops the `n` oldest non-sink tokens.
+
+  Args:
+    cache: a `KVCache`.
+    n: int or traced int32 scalar; clipped to the retained non-sink count.
+  """
+  _state.require_single(cache, "evict")
+  if jnp.ndim(n):
+    raise ValueError(f"n: expected a scalar, got shape {jnp.shape(n)}")
+  retained = _state.retained_nonsink(cache)
+  n = jnp.clip(jnp.asarray(n, jnp.int32), 0, retained)
+  return dataclasses.replace(
+      cache, evicted=cache.evicted + n,
+      tail_count=jnp.minimum(cache.tail_count, retained - n))
+
+
+def clear(cache: KVCache) -> KVCache:
+  """An empty cache with the same spec; every counter restarts at 0."""
+  zero = lambda: jnp.zeros_like(cache.length)  # distinct, so donatable
+  return dataclasses.replace(cache, length=zero(), evicted=zero(),
+                             tail_count=zero(), rejected=zero())
+
+
+def check(cache: KVCache) -> None:
+  """Raises `OverflowError` on the host if any append rejected tokens.
+
+  Returns quietly for a healthy cache (or batch of caches).
+  """
+  rejected = np.asarray(jax.device_get(cache.rejected))
+  if np.any(rejected > 0):
+    if rejected.ndim:
+      rows = np.flatnonzero(rejected > 0).tolist()
+      detail = (f"sequences {rows} rejected {rejected[rejected > 0].tolist()} "
+                "tokens")
+    else:
+      detail = f"rejected {int(rejected)} tokens"
+    raise OverflowError(
+        f"kvjax cache overflow: overflow='error' and capacity="
+        f"{cache.spec.capacity} was reached; {detail}. Evict tokens or use a "
+        "larger capacity.")
+

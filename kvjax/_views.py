@@ -1,0 +1,108 @@
+"""Views of a cache: `materialize` (the retained tokens) and `stats`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import _formats, _state
+from kvjax._state import KVCache
+
+
+def materialize(cache: KVCache):
+  """The retained tokens, dequantized, sorted by position, valid rows first.
+
+  Returns:
+    `(k, v, pos, valid)`: `k, v: [capacity, H, D]` float32, `pos: int32
+    [capacity]`, `valid: bool [capacity]`; invalid rows have `k = v = 0` and
+    `pos = -1`. (ruvllm: `get_all_kv`.)
+  """
+  _state.require_single(cache, "materialize")
+  spec = cache.spec
+  hot, store = _state.hot_format(spec), _state.store_format(spec)
+  row = jnp.arange(spec.capacity, dtype=jnp.int32)
+  sinks = _state.sink_count(cache)
+  end = _state.nonsink_count(cache)
+  j = cache.evicted + row - sinks  # non-sink index of rows after the sinks
+  in_sink = row < sinks
+  in_store = ~in_sink & (j < end - cache.tail_count)
+  in_tail = ~in_sink & ~in_store & (j < end)
+  valid = in_sink | in_store | in_tail
+
+  def rows(fmt, enc, index):  # decoded [capacity, H, D] taken at ring slots
+    if jax.tree.leaves(enc)[0].shape[1] == 0:  # no sinks
+      return jnp.zeros((spec.capacity, spec.num_kv_heads, spec.head_dim))
+    taken = jax.tree.map(lambda a: jnp.take(a, index, axis=1, mode="clip"), enc)
+    return jnp.swapaxes(fmt.decode(taken), 0, 1)
+
+  out = []
+  for sink, tail, stored in ((cache.sink_k, cache.tail_k, cache.store_k),
+                             (cache.sink_v, cache.tail_v, cache.store_v)):
+    x = jnp.where(in_sink[:, None, None], rows(hot, sink, row), 0.0)
+    x = jnp.where(in_store[:, None, None],
+                  rows(store, stored, jnp.mod(j, spec.store_slots)), x)
+    x = jnp.where(in_tail[:, None, None],
+                  rows(hot, tail, jnp.mod(j, spec.tail_slots)), x)
+    out.append(x)
+  pos = jnp.where(in_sink, row, spec.sinks + j)
+  return out[0], out[1], jnp.where(valid, pos, -1), valid
+
+
+def _leaf_bytes(tree) -> int:
+  return sum(int(np.prod(a.shape)) * a.dtype.itemsize
+             for a in jax.tree.leaves(tree))
+
+
+def stats(cache: KVCache) -> dict:
+  """Host-side accounting, measured from the arrays.
+
+  Returns:
+    A dict of plain Python numbers (lists with one entry per sequence for a
+    batched cache): `length`, `sink_tokens`, `tail_tokens`, `store_tokens`,
+    `retained_tokens`, `evicted_tokens`, `overflow`, `rejected_tokens`,
+    `sink_bytes`, `tail_bytes`, `store_bytes` (bytes the retained tokens of
+    each tier occupy, scales and zeros included), `allocated_bytes` (sum of
+    `nbytes` of every leaf), `store_bits_per_value` (from the store arrays'
+    bytes per token slot) and `compression_ratio` (float32 bytes of the
+    retained tokens / bytes they occupy; nan for an empty cache).
+  """
+  if not isinstance(cache, KVCache):
+    raise ValueError(f"cache: expected a kvjax.KVCache, got {type(cache).__name__}")
+  spec = cache.spec
+  batch_shape = cache.length.shape
+  batch = int(np.prod(batch_shape)) if batch_shape else 1
+
+  def per_token(a, b, slots):  # bytes of one token (K and V) in one sequence
+    return _formats.bytes_per_slot((a, b), slots * batch)
+
+  sink_b = per_token(cache.sink_k, cache.sink_v, spec.sinks)
+  tail_b = per_token(cache.tail_k, cache.tail_v, spec.tail_slots)
+  store_b = per_token(cache.store_k, cache.store_v, spec.store_slots)
+  values_per_token = 2 * spec.num_kv_heads * spec.head_dim
+
+  counts = jax.device_get(dict(
+      length=cache.length, sink_tokens=_state.sink_count(cache), tail_tokens=cache.tail_count,
+      store_tokens=_state.store_count(cache), evicted_tokens=cache.evicted,
+      rejected_tokens=cache.rejected))
+  counts = {k: np.asarray(v).reshape(-1) for k, v in counts.items()}
+  allocated = _leaf_bytes(cache) // batch
+
+  rows = []
+  for i in range(batch):
+    r = {k: int(v[i]) for k, v in counts.items()}
+    r["retained_tokens"] = r["sink_tokens"] + r["tail_tokens"] + r["store_tokens"]
+    r["overflow"] = r["rejected_tokens"] > 0
+    r["sink_bytes"] = r["sink_tokens"] * sink_b
+    r["tail_bytes"] = r["tail_tokens"] * tail_b
+    r["store_bytes"] = r["store_tokens"] * store_b
+    r["allocated_bytes"] = allocated
+    r["store_bits_per_value"] = 8.0 * store_b / values_per_token
+    used = r["sink_bytes"] + r["tail_bytes"] + r["store_bytes"]
+    r["compression_ratio"] = (4.0 * values_per_token * r["retained_tokens"] / used
+                              if used else float("nan"))
+    rows.append(r)
+  if not batch_shape:
+    return rows[0]
+  return {k: [r[k] for r in rows] for k in rows[0]}
+

@@ -1,0 +1,154 @@
+"""q8 / q4 numerics: the jnp reference against an independent numpy model,
+bit for bit, eagerly and under jit, on random and adversarial groups."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from tests import reference
+
+F32 = np.float32
+FORMATS = ("q8", "q4")
+
+
+def bits(x):
+  return np.asarray(x, F32).view(np.uint32)
+
+
+def adversarial_groups(d):
+  """Groups of `d` float32 values that stress every rule of numerics.md."""
+  rng = np.random.default_rng(7)
+  tiny = np.finfo(F32).tiny
+  big = np.finfo(F32).max
+  groups = [
+      np.zeros(d), np.full(d, -0.0), np.full(d, 3.25), np.full(d, -7.0),
+      np.where(np.arange(d) % 2, 0.0, -0.0),  # +0 / -0 mix
+      np.full(d, tiny / 4), np.where(np.arange(d) % 2, tiny / 3, -tiny / 5),
+      np.linspace(-1, 1, d) * tiny * 8, np.r_[1e-30, np.zeros(d - 1)],
+      np.r_[big, np.zeros(d - 1)], np.r_[-big, np.full(d - 1, big)],
+      np.full(d, big), np.linspace(-1, 1, d) * big, np.r_[3e38, -3e38, np.ones(d - 2)],
+      np.r_[1000.0, rng.normal(size=d - 1) * 1e-6],  # one outlier
+      np.r_[-1e20, rng.normal(size=d - 1) * 1e-20],
+      np.arange(d) * 1.0,  # exact .5 ties after scaling: (x - 0) / s
+      (np.arange(d) % 16) * 1.0, (np.arange(d) % 16) * 1.0 + 0.5,
+      np.arange(d) * 17.0 / 255.0 * 255.0 / 17.0, rng.normal(size=d) * 1e-38,
+      np.r_[np.nan, np.ones(d - 1)], np.r_[np.ones(d - 1), np.inf],
+      np.r_[-np.inf, np.zeros(d - 1)], np.full(d, np.nan),
+  ]
+  g = np.stack([np.asarray(x, F32)[:d] for x in groups])
+  # NaN payloads and a signalling NaN.
+  payload = g[0].copy().view(np.uint32)
+  payload[1] = 0x7FC12345
+  snan = g[0].copy().view(np.uint32)
+  snan[d - 1] = 0x7F800001
+  neg_nan = g[0].copy().view(np.uint32)
+  neg_nan[0] = 0xFFC00000
+  return np.concatenate([g, np.stack([payload, snan, neg_nan]).view(F32)])
+
+
+def random_groups(n, d, seed):
+  rng = np.random.default_rng(seed)
+  scales = 10.0 ** rng.uniform(-6, 6, size=(n, 1))
+  offsets = rng.normal(size=(n, 1)) * scales * rng.integers(0, 3, size=(n, 1))
+  return (rng.normal(size=(n, d)) * scales + offsets).astype(F32)
+
+
+def check_bit_exact(x, fmt):
+  want = reference.affine_encode(x, fmt)
+  eager = kvjax.quantize(jnp.asarray(x), fmt, backend="jax")
+  jitted = jax.jit(lambda a: kvjax.quantize(a, fmt, backend="jax"))(x)
+  for got in (eager, jitted):
+    np.testing.assert_array_equal(np.asarray(got.codes), want[0])
+    np.testing.assert_array_equal(bits(got.scale), bits(want[1]))
+    np.testing.assert_array_equal(bits(got.zero), bits(want[2]))
+  decoded_want = reference.affine_decode(*want, fmt)
+  eager_d = kvjax.dequantize(eager, fmt, backend="jax")
+  jit_d = jax.jit(lambda e: kvjax.dequantize(e, fmt, backend="jax"))(eager)
+  for got in (eager_d, jit_d):
+    np.testing.assert_array_equal(bits(got), bits(decoded_want))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("d", [2, 6, 34, 128, 130])
+def test_random_groups_bit_exact(fmt, d):
+  check_bit_exact(random_groups(512, d, seed=d), fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("d", [8, 128, 130])
+def test_adversarial_groups_bit_exact(fmt, d):
+  check_bit_exact(adversarial_groups(d), fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_leading_axes_are_batches_of_groups(fmt):
+  x = random_groups(24, 16, seed=3).reshape(2, 3, 4, 16)
+  enc = kvjax.quantize(x, fmt)
+  flat = kvjax.quantize(x.reshape(24, 16), fmt)
+  chex_shapes = (enc.codes.shape, enc.scale.shape, enc.zero.shape)
+  assert chex_shapes == ((2, 3, 4, 16 // (2 if fmt == "q4" else 1)), (2, 3, 4),
+                         (2, 3, 4))
+  np.testing.assert_array_equal(np.asarray(enc.codes).reshape(flat.codes.shape),
+                                flat.codes)
+
+
+def test_q4_packing_layout():
+  x = np.array([[0, 15, 1, 14, 2, 13, 3, 12]], F32)  # min 0, step 1
+  enc = kvjax.quantize(x, "q4")
+  assert enc.codes.dtype == jnp.uint8 and enc.codes.shape == (1, 4)
+  assert [int(b) for b in np.asarray(enc.codes)[0]] == [
+      0 | 15 << 4, 1 | 14 << 4, 2 | 13 << 4, 3 | 12 << 4]
+  assert float(enc.scale[0]) == 1.0 and float(enc.zero[0]) == 0.0
+
+
+def test_non_finite_groups_decode_to_canonical_nan():
+  x = np.array([[1.0, np.nan, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]], F32)
+  for fmt in FORMATS:
+    enc = kvjax.quantize(x, fmt)
+    assert bits(enc.scale)[0] == 0x7FC00000 and bits(enc.zero)[0] == 0x7FC00000
+    assert not np.asarray(enc.codes)[0].any()
+    out = np.asarray(kvjax.dequantize(enc, fmt))
+    assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
+
+
+@pytest.mark.parametrize("fmt,levels", [("q8", 255), ("q4", 15)])
+def test_error_within_half_a_step(fmt, levels):
+  x = random_groups(2048, 64, seed=11)
+  enc = kvjax.quantize(x, fmt)
+  out = np.asarray(kvjax.dequantize(enc, fmt))
+  err = np.abs(out.astype(np.float64) - x)
+  step = np.asarray(enc.scale, np.float64)[:, None]
+  # Half a step from rounding, plus the scale truncation (<= 2^-15 relative).
+  span = (x.max(-1) - x.min(-1)).astype(np.float64)[:, None]
+  assert (err <= 0.5 * step + span * 2.0**-14 + 1e-30).all()
+  codes = reference.affine_decode(np.asarray(enc.codes), np.asarray(enc.scale),
+                                  np.asarray(enc.zero), fmt)
+  assert np.isfinite(codes).all()
+  assert float(np.max(np.asarray(enc.scale) * levels)) > 0
+
+
+def test_finite_group_never_decodes_to_infinity():
+  big = np.finfo(F32).max
+  x = np.array([[-big, big, 0.0, 1.0], [big, big * 0.99, 0, 0]], F32)
+  for fmt in FORMATS:
+    out = np.asarray(kvjax.dequantize(kvjax.quantize(x, fmt), fmt))
+    assert np.isfinite(out).all()
+
+
+def test_bad_input():
+  with pytest.raises(ValueError, match="fmt: unknown store format 'q3'"):
+    kvjax.quantize(np.zeros((2, 4), F32), "q3")
+  with pytest.raises(ValueError, match=r"x: last axis \(D=5\) must be a multiple of 2"):
+    kvjax.quantize(np.zeros((2, 5), F32), "q4")
+  with pytest.raises(ValueError, match="backend: expected one of"):
+    kvjax.quantize(np.zeros((2, 4), F32), "q8", backend="cuda")
+  with pytest.raises(RuntimeError, match="backend='ffi' was requested"):
+    kvjax.quantize(np.zeros((2, 4), F32), "q8", backend="ffi")
+
+
+def test_backend_info_reports_no_ffi():
+  info = kvjax.backend_info()
+  assert info["ffi_loaded"] is False and info["isa"] is None
+  assert "C++ kernels" in info["reason"]
