@@ -9,6 +9,7 @@ the tail are small hot buffers read as one block each.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -75,6 +76,7 @@ def _check_query(cache: KVCache, q, q_pos):
                        f"{jnp.result_type(q_pos)} {jnp.shape(q_pos)}")
 
 
+@functools.partial(jax.jit, static_argnames="block_size")
 def attend(cache: KVCache, q, *, q_pos=None, scale=None, window=None,
            softcap=None, block_size: int = DEFAULT_BLOCK_SIZE):
   """Softmax attention of queries over the retained tokens.

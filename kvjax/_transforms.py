@@ -46,6 +46,7 @@ def _tail_after(tail_count, added, spec):
                                                     spec.migrate_batch))
 
 
+@jax.jit
 def append(cache: KVCache, k, v, n_valid=None) -> KVCache:
   """Appends tokens to the cache.
 
@@ -127,6 +128,7 @@ def append(cache: KVCache, k, v, n_valid=None) -> KVCache:
                  rejected=cache.rejected + refused, spec=spec)
 
 
+@jax.jit
 def migrate(cache: KVCache) -> KVCache:
   """Moves every tail token beyond the newest `tail` into the store now.
 
@@ -137,6 +139,7 @@ def migrate(cache: KVCache) -> KVCache:
       cache, tail_count=jnp.minimum(cache.tail_count, cache.spec.tail))
 
 
+@jax.jit
 def evict(cache: KVCache, n) -> KVCache:
   """Drops the `n` oldest non-sink tokens.
 
@@ -154,6 +157,7 @@ def evict(cache: KVCache, n) -> KVCache:
       tail_count=jnp.minimum(cache.tail_count, retained - n))
 
 
+@jax.jit
 def clear(cache: KVCache) -> KVCache:
   """An empty cache with the same spec; every counter restarts at 0."""
   zero = lambda: jnp.zeros_like(cache.length)  # distinct, so donatable

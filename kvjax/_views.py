@@ -10,6 +10,7 @@ from kvjax import _formats, _state
 from kvjax._state import KVCache
 
 
+@jax.jit
 def materialize(cache: KVCache):
   """The retained tokens, dequantized, sorted by position, valid rows first.
 
