@@ -9,6 +9,7 @@ from kvjax._ops import quantize
 from kvjax._spec import CacheSpec
 from kvjax._state import KVCache
 from kvjax._state import init
+from kvjax._state import length
 from kvjax._transforms import append
 from kvjax._transforms import check
 from kvjax._transforms import clear
@@ -32,6 +33,7 @@ __all__ = (
     "dequantize",
     "evict",
     "init",
+    "length",
     "materialize",
     "migrate",
     "quantize",

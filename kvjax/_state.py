@@ -138,3 +138,11 @@ def require_single(cache: KVCache, fn_name: str) -> None:
     raise ValueError(
         f"cache: {fn_name} takes one cache, got a batch of shape "
         f"{cache.length.shape}; use jax.vmap(kvjax.{fn_name})")
+
+
+def length(cache: KVCache) -> jax.Array:
+  """Positions handed out so far (int32; `[B]` for a batch): the position the
+  next appended token gets, e.g. for RoPE in a decoding loop."""
+  if not isinstance(cache, KVCache):
+    raise ValueError(f"cache: expected a kvjax.KVCache, got {type(cache).__name__}")
+  return cache.length

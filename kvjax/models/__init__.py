@@ -1,0 +1,1 @@
+"""Example models that decode through kvjax (not part of the cache core)."""
