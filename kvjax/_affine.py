@@ -62,9 +62,10 @@ def encode(x: jax.Array, params: AffineParams) -> AffineCodes:
   """Encodes float32 groups `x: [..., D]` (rules 1-7 and 9)."""
   x = jnp.asarray(x, jnp.float32)
   levels = np.float32(params.levels)
-  finite = jnp.all(jnp.isfinite(x), axis=-1)
-  mn = _flush_tiny(jnp.min(x, axis=-1))
-  mx = _flush_tiny(jnp.max(x, axis=-1))
+  mn, mx = jnp.min(x, axis=-1), jnp.max(x, axis=-1)
+  # XLA's min/max propagate NaN, so a group is finite iff its extremes are.
+  finite = jnp.isfinite(mn) & jnp.isfinite(mx)
+  mn, mx = _flush_tiny(mn), _flush_tiny(mx)
   s = (mx - mn) * np.float32(1.0 / params.levels)
   s = jnp.minimum(jnp.maximum(s, SCALE_FLOOR), params.scale_max)
   s = _float(_bits(s) & params.keep_mask)

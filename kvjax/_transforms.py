@@ -108,16 +108,20 @@ def append(cache: KVCache, k, v, n_valid=None) -> KVCache:
   store_index = ring_index(live & (j >= new_end - spec.store_slots),
                            spec.store_slots)
 
+  # K and V go through the hot rounding and the store encoding together.
+  kv = jnp.swapaxes(jnp.stack([k, v]), 1, 2)  # [2, H, n, D]
+  hot_rows = hot.encode(kv)
+  store_rows = store.encode(hot.decode(hot_rows))
   new = {}
-  for name, x in (("k", k), ("v", v)):
-    hot_rows = hot.encode(jnp.swapaxes(x, 0, 1))  # [H, n, D], rounded
-    store_rows = store.encode(hot.decode(hot_rows))
-    new["sink_" + name] = _scatter_rows(getattr(cache, "sink_" + name),
-                                        hot_rows, sink_index)
-    new["tail_" + name] = _scatter_rows(getattr(cache, "tail_" + name),
-                                        hot_rows, tail_index)
+  for i, name in enumerate(("k", "v")):
+    hot_i = jax.tree.map(lambda a: a[i], hot_rows)
+    store_i = jax.tree.map(lambda a: a[i], store_rows)
+    new["sink_" + name] = _scatter_rows(getattr(cache, "sink_" + name), hot_i,
+                                        sink_index)
+    new["tail_" + name] = _scatter_rows(getattr(cache, "tail_" + name), hot_i,
+                                        tail_index)
     new["store_" + name] = _scatter_rows(getattr(cache, "store_" + name),
-                                         store_rows, store_index)
+                                         store_i, store_index)
 
   added = new_end - _state.nonsink_count(cache)
   evicted = cache.evicted

@@ -1,0 +1,57 @@
+"""Shared benchmark helpers: interleaved timing and JSON output.
+
+Machines here are noisy, so every benchmark measures the things it compares
+side by side in one run, alternating between them, and reports ratios of
+medians.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import jax
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def time_steps(step, state, args, *, steps: int) -> tuple[float, object]:
+  """Seconds per call of `state = step(state, *args)`, over `steps` calls."""
+  start = time.perf_counter()
+  for _ in range(steps):
+    state = step(state, *args)
+  jax.block_until_ready(state)
+  return (time.perf_counter() - start) / steps, state
+
+
+def interleaved(candidates: dict, *, rounds: int, steps: int) -> dict:
+  """Median seconds per step of each candidate, measured in alternation.
+
+  `candidates` maps a name to `(step, state, args)`; state is threaded
+  through (donated steps consume it).
+  """
+  states = {name: c[1] for name, c in candidates.items()}
+  for name, (step, _, args) in candidates.items():  # compile and warm up
+    _, states[name] = time_steps(step, states[name], args, steps=3)
+  samples = {name: [] for name in candidates}
+  for _ in range(rounds):
+    for name, (step, _, args) in candidates.items():
+      seconds, states[name] = time_steps(step, states[name], args, steps=steps)
+      samples[name].append(seconds)
+  return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def write(name: str, payload: dict) -> pathlib.Path:
+  RESULTS.mkdir(exist_ok=True)
+  payload = dict(payload, machine=dict(
+      processor=platform.processor() or platform.machine(),
+      cpus=os.cpu_count(), jax=jax.__version__,
+      device=str(jax.devices()[0])))
+  path = RESULTS / f"{name}.json"
+  path.write_text(json.dumps(payload, indent=1))
+  print(f"wrote {path}")
+  return path
