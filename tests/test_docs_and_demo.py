@@ -51,3 +51,16 @@ def test_demo_rejects_unknown_format(capsys):
   with pytest.raises(SystemExit):
     demo.main(["--formats", "q3"])
   assert "--formats: unknown ['q3']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["bench_append.py", "bench_attend.py"])
+def test_benchmarks_run_quick(script, tmp_path):
+  import json
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick"],
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  name = script[len("bench_"):-len(".py")]
+  payload = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
+  assert payload["ratios"] and all(v > 0 for v in payload["ratios"].values())
