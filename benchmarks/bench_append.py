@@ -50,7 +50,7 @@ def main():
                  for s in formats})
   for name, value in ratios.items():
     print(f"{name}: {value:.2f}")
-  write("append", dict(seconds_per_step=results, ratios=ratios,
+  write("append_quick" if args.quick else "append", dict(seconds_per_step=results, ratios=ratios,
                        bars={"q4_step_65536_over_1024 <=": 1.3,
                              "q4_step_over_bare_write_at_65536 <=": 15}))
 

@@ -82,7 +82,7 @@ def main():
           + ", ".join(f"{s} {memory[context][s]:.3f}" for s in formats))
   ratios = {f"{s}_time_over_dense_f32_at_{c}": times[c][s] / times[c]["dense_f32"]
             for c in contexts for s in formats}
-  write("attend", dict(seconds=times, temp_over_f32_kv=memory, ratios=ratios,
+  write("attend_quick" if args.quick else "attend", dict(seconds=times, temp_over_f32_kv=memory, ratios=ratios,
                        block_size=args.block_size,
                        bars={"q4 temp_over_f32_kv at 32768 <=": 0.10}))
 

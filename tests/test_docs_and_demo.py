@@ -61,6 +61,6 @@ def test_benchmarks_run_quick(script, tmp_path):
   proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick"],
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  name = script[len("bench_"):-len(".py")]
+  name = script[len("bench_"):-len(".py")] + "_quick"
   payload = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
   assert payload["ratios"] and all(v > 0 for v in payload["ratios"].values())
