@@ -58,8 +58,8 @@ def _update(state: _Softmax, query: _Query, fmt, keys, values, key_pos,
       acc=state.acc * correction[..., None] + fmt.weighted_sum(p, values))
 
 
-def _check_query(cache: KVCache, q, q_pos):
-  _state.require_single(cache, "attend")
+def _check_query(cache: KVCache, q, q_pos, layer):
+  _state.require_single(cache, "attend", layer)
   spec = cache.spec
   shape = getattr(q, "shape", None)
   if (shape is None or len(shape) != 3 or shape[0] < 1 or shape[2] != spec.head_dim
@@ -78,7 +78,7 @@ def _check_query(cache: KVCache, q, q_pos):
 
 @functools.partial(jax.jit, static_argnames="block_size")
 def attend(cache: KVCache, q, *, q_pos=None, scale=None, window=None,
-           softcap=None, block_size: int = DEFAULT_BLOCK_SIZE):
+           softcap=None, layer=None, block_size: int = DEFAULT_BLOCK_SIZE):
   """Softmax attention of queries over the retained tokens.
 
   Args:
@@ -88,6 +88,8 @@ def attend(cache: KVCache, q, *, q_pos=None, scale=None, window=None,
     scale: logit scale, default `1/sqrt(D)`. Python number or traced scalar.
     window: if set, a query at `p` sees keys with `p - window < pos <= p`.
     softcap: if set, logits become `softcap * tanh(logits / softcap)`.
+    layer: optional int scalar (may be traced): attend over this layer of a
+      stack of caches (see `append`), reading its blocks in place.
     block_size: store tokens read per step (bounds temporary memory).
 
   Returns:
@@ -97,7 +99,8 @@ def attend(cache: KVCache, q, *, q_pos=None, scale=None, window=None,
   Raises:
     ValueError: at trace time, for a `q` or `q_pos` of the wrong shape.
   """
-  _check_query(cache, q, q_pos)
+  _check_query(cache, q, q_pos, layer)
+  stack, cache = cache, _state.layer_view(cache, layer)
   spec = cache.spec
   n_q, hq, d = q.shape
   h = spec.num_kv_heads
@@ -123,12 +126,16 @@ def attend(cache: KVCache, q, *, q_pos=None, scale=None, window=None,
   end = _state.nonsink_count(cache)
   if spec.sinks:
     slot = jnp.arange(spec.sinks, dtype=jnp.int32)
-    state = _update(state, query, hot, cache.sink_k, cache.sink_v, slot,
+    sink_k, sink_v = (jax.tree.map(lambda a: _state.small_leaf(a, layer), x)
+                      for x in (stack.sink_k, stack.sink_v))
+    state = _update(state, query, hot, sink_k, sink_v, slot,
                     slot < _state.sink_count(cache))
-  state = _attend_store(cache, query, state, block_size)
+  state = _attend_store(stack, cache, layer, query, state, block_size)
   slot = jnp.arange(spec.tail_slots, dtype=jnp.int32)
   j = _state.ring_index(slot, end, spec.tail_slots)
-  state = _update(state, query, hot, cache.tail_k, cache.tail_v,
+  tail_k, tail_v = (jax.tree.map(lambda a: _state.small_leaf(a, layer), x)
+                    for x in (stack.tail_k, stack.tail_v))
+  state = _update(state, query, hot, tail_k, tail_v,
                   spec.sinks + j, j >= end - cache.tail_count)
 
   out = jnp.where(state.denom[..., None] > 0,
@@ -137,14 +144,15 @@ def attend(cache: KVCache, q, *, q_pos=None, scale=None, window=None,
   return out.reshape(n_q, hq, d).astype(q.dtype)
 
 
-def _attend_store(cache: KVCache, query: _Query, state: _Softmax,
-                  block_size: int) -> _Softmax:
+def _attend_store(stack: KVCache, cache: KVCache, layer, query: _Query,
+                  state: _Softmax, block_size: int) -> _Softmax:
   """Folds the store tokens into `state`, one ring block per loop step.
 
   Blocks are `[b * B, (b + 1) * B)` of the ring, the last one clamped to end at
   the ring's end (its rows before `b * B` belong to the previous block and are
   masked). The loop starts at the block holding the oldest store token and
-  runs only over blocks that can hold store tokens.
+  runs only over blocks that can hold store tokens. `cache` has the counters
+  (of `layer`), `stack` the buffers.
   """
   spec = cache.spec
   slots = spec.store_slots
@@ -165,9 +173,9 @@ def _attend_store(cache: KVCache, query: _Query, state: _Softmax,
     slot = start + jnp.arange(size, dtype=jnp.int32)
     j = _state.ring_index(slot, end, slots)
     ok = (slot >= b * size) & (j >= cache.evicted) & (j < store_end)
-    take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=1)
-    keys = jax.tree.map(take, cache.store_k)
-    values = jax.tree.map(take, cache.store_v)
+    take = lambda a: _state.token_block(a, start, size, layer)
+    keys = jax.tree.map(take, stack.store_k)
+    values = jax.tree.map(take, stack.store_v)
     return i + 1, _update(st, query, fmt, keys, values, spec.sinks + j, ok)
 
   _, state = jax.lax.while_loop(lambda c: c[0] < steps, body,

@@ -130,14 +130,75 @@ def ring_index(slot, end, slots: int):
   return end - 1 - jnp.mod(end - 1 - slot, slots)
 
 
-def require_single(cache: KVCache, fn_name: str) -> None:
-  """Transforms take one cache; a batch goes through `jax.vmap`."""
+def require_single(cache: KVCache, fn_name: str, layer=None) -> None:
+  """Transforms take one cache (or, with `layer`, a stack of per-layer caches
+  with one leading axis); a batch goes through `jax.vmap`."""
   if not isinstance(cache, KVCache):
     raise ValueError(f"cache: expected a kvjax.KVCache, got {type(cache).__name__}")
-  if cache.length.ndim:
+  if layer is None and cache.length.ndim:
     raise ValueError(
         f"cache: {fn_name} takes one cache, got a batch of shape "
-        f"{cache.length.shape}; use jax.vmap(kvjax.{fn_name})")
+        f"{cache.length.shape}; use jax.vmap(kvjax.{fn_name}), or layer= for "
+        "a stack of per-layer caches")
+  if layer is not None:
+    if cache.length.ndim != 1:
+      raise ValueError(
+          f"cache: {fn_name}(..., layer=i) takes a stack of per-layer caches "
+          f"(one leading axis, e.g. kvjax.init(spec, batch=num_layers)), got "
+          f"counters of shape {cache.length.shape}")
+    if jnp.ndim(layer) or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
+      raise ValueError(f"layer: expected an int scalar, got {jnp.result_type(layer)} "
+                       f"{jnp.shape(layer)}")
+
+
+# A stack of per-layer caches is one `KVCache` whose leaves have a leading
+# layer axis. With `layer` set, transforms read that layer's counters and
+# write its rows in place, so a `lax.scan` / `fori_loop` over layers never
+# copies a layer's buffers out of the stack.
+
+def layer_view(cache: KVCache, layer) -> KVCache:
+  """`cache` with the counters of `layer` (buffers stay stacked)."""
+  if layer is None:
+    return cache
+  take = lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)
+  return dataclasses.replace(cache, length=take(cache.length),
+                             evicted=take(cache.evicted),
+                             tail_count=take(cache.tail_count),
+                             rejected=take(cache.rejected))
+
+
+def small_leaf(a, layer):
+  """One layer of a small leaf (sinks, tail): a copy of O(tail) bytes."""
+  return a if layer is None else jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)
+
+
+def token_block(a, start, size: int, layer):
+  """Rows `[start, start + size)` of the token axis of one layer's leaf."""
+  if layer is None:
+    return jax.lax.dynamic_slice_in_dim(a, start, size, axis=1)
+  begin = (layer, 0, start) + (0,) * (a.ndim - 3)
+  return jax.lax.dynamic_slice(a, begin, (1, a.shape[1], size) + a.shape[3:])[0]
+
+
+def scatter_rows(buffers, rows, index, layer):
+  """Writes `rows` (leaves `[H, n, ...]`) at token slots `index: [n]` of
+  `buffers` (of `layer`); an index equal to the slot count is dropped."""
+  if layer is None:
+    return jax.tree.map(lambda b, r: b.at[:, index].set(r, mode="drop"),
+                        buffers, rows)
+  # A scalar and an array index around a slice: numpy puts the indexed
+  # (token) axis first in the update.
+  return jax.tree.map(
+      lambda b, r: b.at[layer, :, index].set(jnp.swapaxes(r, 0, 1), mode="drop"),
+      buffers, rows)
+
+
+def with_counters(cache: KVCache, layer, **counters) -> KVCache:
+  """`cache` with new counter values (for `layer` of a stack)."""
+  if layer is not None:
+    counters = {name: getattr(cache, name).at[layer].set(value)
+                for name, value in counters.items()}
+  return dataclasses.replace(cache, **counters)
 
 
 def length(cache: KVCache) -> jax.Array:

@@ -30,13 +30,6 @@ def _check_tokens(name: str, x, spec) -> None:
     raise ValueError(f"{name}: expected a float dtype, got {dtype}")
 
 
-def _scatter_rows(buffers, rows, index):
-  """Writes `rows` (leaves `[H, n, ...]`) into `buffers` (leaves `[H, slots,
-  ...]`) at token slots `index: [n]`; an index equal to `slots` is dropped."""
-  return jax.tree.map(lambda b, r: b.at[:, index].set(r, mode="drop"),
-                      buffers, rows)
-
-
 def _tail_after(tail_count, added, spec):
   """Tail size after `added` more tokens, migrating whole batches whenever it
   reaches `tail + migrate_batch` (closed form of doing it token by token)."""
@@ -47,15 +40,18 @@ def _tail_after(tail_count, added, spec):
 
 
 @jax.jit
-def append(cache: KVCache, k, v, n_valid=None) -> KVCache:
+def append(cache: KVCache, k, v, n_valid=None, *, layer=None) -> KVCache:
   """Appends tokens to the cache.
 
   Args:
-    cache: a `KVCache`.
+    cache: a `KVCache`; with `layer`, a stack of per-layer caches.
     k, v: `[n, H, D]`, any float dtype, `n >= 1` (static). Rounded to the
       spec's `hot_dtype` first; the store encodes the rounded values.
     n_valid: optional int32 scalar (may be traced): only the first `n_valid`
       tokens are appended, the rest are padding and ignored entirely.
+    layer: optional int scalar (may be traced): append to this layer of a
+      stack of caches (`kvjax.init(spec, batch=num_layers)`), in place, as in
+      a `lax.scan` / `fori_loop` over a model's layers.
 
   Returns:
     The new cache. Tokens get positions `length, length + 1, ...`.
@@ -63,7 +59,8 @@ def append(cache: KVCache, k, v, n_valid=None) -> KVCache:
   Raises:
     ValueError: at trace time, if `k` or `v` has the wrong shape or dtype.
   """
-  _state.require_single(cache, "append")
+  _state.require_single(cache, "append", layer)
+  stack, cache = cache, _state.layer_view(cache, layer)
   spec = cache.spec
   _check_tokens("k", k, spec)
   _check_tokens("v", v, spec)
@@ -116,20 +113,20 @@ def append(cache: KVCache, k, v, n_valid=None) -> KVCache:
   for i, name in enumerate(("k", "v")):
     hot_i = jax.tree.map(lambda a: a[i], hot_rows)
     store_i = jax.tree.map(lambda a: a[i], store_rows)
-    new["sink_" + name] = _scatter_rows(getattr(cache, "sink_" + name), hot_i,
-                                        sink_index)
-    new["tail_" + name] = _scatter_rows(getattr(cache, "tail_" + name), hot_i,
-                                        tail_index)
-    new["store_" + name] = _scatter_rows(getattr(cache, "store_" + name),
-                                         store_i, store_index)
+    for tier, rows, index in (("sink_", hot_i, sink_index),
+                              ("tail_", hot_i, tail_index),
+                              ("store_", store_i, store_index)):
+      new[tier + name] = _state.scatter_rows(getattr(stack, tier + name), rows,
+                                             index, layer)
 
   added = new_end - _state.nonsink_count(cache)
   evicted = cache.evicted
   if spec.overflow == "slide":
     evicted = jnp.maximum(evicted, new_end - spec.store_slots)
-  return KVCache(**new, length=new_length, evicted=evicted,
-                 tail_count=_tail_after(cache.tail_count, added, spec),
-                 rejected=cache.rejected + refused, spec=spec)
+  return _state.with_counters(
+      dataclasses.replace(stack, **new), layer, length=new_length,
+      evicted=evicted, tail_count=_tail_after(cache.tail_count, added, spec),
+      rejected=cache.rejected + refused)
 
 
 @jax.jit

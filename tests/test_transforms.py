@@ -201,3 +201,60 @@ def test_bad_input_raises_at_trace_time():
     kvjax.init(SPEC, batch=0)
   with pytest.raises(ValueError, match="cache: expected a kvjax.KVCache"):
     kvjax.stats(k)
+
+
+def test_layer_stack_matches_separate_caches():
+  """append/attend with layer=i in a fori_loop over a stack of per-layer
+  caches give what separate caches give."""
+  layers = 3
+  rng = np.random.default_rng(11)
+  k = jnp.asarray(rng.normal(size=(layers, 9, 2, 8)), jnp.float32)
+  q = jnp.asarray(rng.normal(size=(layers, 9, 4, 8)), jnp.float32)
+
+  def over_layers(stack, n_valid):
+    def body(i, carry):
+      stack, outs = carry
+      stack = kvjax.append(stack, k[i], k[i] * 2, n_valid, layer=i)
+      out = kvjax.attend(stack, q[i], q_pos=jnp.arange(9) + kvjax.length(stack)[i] - n_valid,
+                         layer=i)
+      return stack, outs.at[i].set(out)
+    return jax.lax.fori_loop(0, layers, body, (stack, jnp.zeros(q.shape)))
+
+  stack = kvjax.init(SPEC, batch=layers)
+  run = jax.jit(over_layers, donate_argnums=0)
+  for n_valid in (9, 4, 9, 9):
+    stack, outs = run(stack, jnp.int32(n_valid))
+  singles = [kvjax.init(SPEC) for _ in range(layers)]
+  for n_valid in (9, 4, 9, 9):
+    for i in range(layers):
+      singles[i] = kvjax.append(singles[i], k[i], k[i] * 2, n_valid)
+  for i in range(layers):
+    assert_same_view(jax.tree.map(lambda a: a[i], stack), singles[i])
+    want = kvjax.attend(singles[i], q[i], q_pos=jnp.arange(9) + 31 - 9)
+    np.testing.assert_allclose(outs[i], want, rtol=1e-6, atol=1e-6)
+
+
+def test_layer_stack_updates_in_place():
+  spec = kvjax.CacheSpec(num_kv_heads=4, head_dim=32, capacity=4096, tail=64,
+                         migrate_batch=32, store="q4")
+  stack = kvjax.init(spec, batch=6)
+  k = jnp.ones((6, 1, 4, 32))
+
+  def step(stack):
+    def body(i, s):
+      s = kvjax.append(s, k[i], k[i], layer=i)
+      return s
+    return jax.lax.fori_loop(0, 6, body, stack)
+
+  hlo = jax.jit(step, donate_argnums=0).lower(stack).compile().as_text()
+  big = [line for line in hlo.splitlines() if " copy(" in line and "4096" in line]
+  assert not big, big
+
+
+def test_layer_argument_errors():
+  stack = kvjax.init(SPEC, batch=2)
+  k, v = tokens(1)
+  with pytest.raises(ValueError, match="layer: expected an int scalar"):
+    kvjax.append(stack, k, v, layer=jnp.array([0, 1]))
+  with pytest.raises(ValueError, match=r"takes a stack of per-layer caches"):
+    kvjax.attend(kvjax.init(SPEC), jnp.ones((1, 2, 8)), layer=0)

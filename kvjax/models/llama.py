@@ -1,8 +1,9 @@
 """A Llama-style decoder in plain JAX whose attention runs through kvjax.
 
 RMSNorm, rotary position embeddings (interleaved pairs, llama.cpp's layout),
-grouped-query attention and a SwiGLU MLP. `forward` works on one sequence;
-`jax.vmap` it over a batch of caches. `forward_without_cache` recomputes full
+grouped-query attention and a SwiGLU MLP. `forward` works on one sequence,
+its layers in a `fori_loop` over a stack of per-layer caches; `jax.vmap` it
+over a batch of sequences. `forward_without_cache` recomputes full
 causal attention over a whole prefix, the reference the cache must match.
 """
 
@@ -72,17 +73,21 @@ def rope(x, pos, theta):
                    -1).reshape(x.shape)
 
 
-def _layer(config, p, x, pos, attention):
-  """One block; `attention(q, k, v) -> [n, Hq, D]` supplies the mixing."""
+def _attention_inputs(config, p, x, pos):
+  """q `[n, Hq, D]`, k and v `[n, H, D]` of one block, RoPE applied."""
   c = config
   n = x.shape[0]
   h = rms_norm(x, p["attn_norm"], c.norm_eps)
   q = (h @ p["wq"]).reshape(n, c.n_heads, c.head_dim)
   k = (h @ p["wk"]).reshape(n, c.n_kv_heads, c.head_dim)
   v = (h @ p["wv"]).reshape(n, c.n_kv_heads, c.head_dim)
-  q, k = rope(q, pos, c.rope_theta), rope(k, pos, c.rope_theta)
-  x = x + attention(q, k, v).reshape(n, -1) @ p["wo"]
-  h = rms_norm(x, p["ffn_norm"], c.norm_eps)
+  return rope(q, pos, c.rope_theta), rope(k, pos, c.rope_theta), v
+
+
+def _block_output(config, p, x, attended):
+  """The residual stream after attention output `[n, Hq, D]` and the MLP."""
+  x = x + attended.reshape(x.shape[0], -1) @ p["wo"]
+  h = rms_norm(x, p["ffn_norm"], config.norm_eps)
   return x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
 
 
@@ -93,7 +98,8 @@ def _logits(config, params, x):
 
 
 def _layer_params(params, i):
-  return jax.tree.map(lambda a: a[i], params["layers"])
+  return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
+                      params["layers"])
 
 
 def cache_spec(config: LlamaConfig, **kw) -> kvjax.CacheSpec:
@@ -103,50 +109,60 @@ def cache_spec(config: LlamaConfig, **kw) -> kvjax.CacheSpec:
 
 
 def init_caches(config: LlamaConfig, spec: kvjax.CacheSpec, batch=None):
-  """One cache per layer (a list, so each layer's buffers update in place)."""
-  return [kvjax.init(spec, batch=batch) for _ in range(config.n_layers)]
+  """Every layer's cache in one stack (leading axis `n_layers`; `[batch,
+  n_layers, ...]` with `batch`), updated in place layer by layer."""
+  stack = lambda _: kvjax.init(spec, batch=config.n_layers)
+  return stack(None) if batch is None else jax.vmap(stack)(jnp.arange(batch))
 
 
 def forward(params, config: LlamaConfig, caches, tokens, n_valid=None):
   """Runs `tokens: [n]` of one sequence through the model and its caches.
 
+  The layers run in a `fori_loop` (one compiled layer instead of
+  `n_layers`), each appending to and attending over its own layer of the
+  cache stack in place.
+
   Args:
-    params: the model's weights.
+    params: the model's weights (per-layer arrays stacked on axis 0).
     config: its `LlamaConfig`.
-    caches: list of `KVCache`, one per layer, for this sequence.
+    caches: the stack from `init_caches` for this sequence.
     tokens: int32 `[n]`; with `n_valid`, only the first `n_valid` are real.
     n_valid: optional int32 scalar (ragged prefill under `vmap`).
 
   Returns:
     `(logits [n, vocab] float32, new caches)`.
   """
-  start = kvjax.length(caches[0])
+  start = kvjax.length(caches)[0]
   pos = start + jnp.arange(tokens.shape[0], dtype=jnp.int32)
+
+  def layer(i, carry):
+    x, caches = carry
+    p = _layer_params(params, i)
+    q, k, v = _attention_inputs(config, p, x, pos)
+    caches = kvjax.append(caches, k, v, n_valid, layer=i)
+    attended = kvjax.attend(caches, q, q_pos=pos, layer=i)
+    return _block_output(config, p, x, attended), caches
+
   x = params["embed"][tokens].astype(jnp.float32)
-  new_caches = []
-  for i, cache in enumerate(caches):
-    def attention(q, k, v, cache=cache):
-      cache = kvjax.append(cache, k, v, n_valid)
-      new_caches.append(cache)
-      return kvjax.attend(cache, q, q_pos=pos)
-    x = _layer(config, _layer_params(params, i), x, pos, attention)
-  return _logits(config, params, x), new_caches
+  x, caches = jax.lax.fori_loop(0, config.n_layers, layer, (x, caches))
+  return _logits(config, params, x), caches
 
 
 def forward_without_cache(params, config: LlamaConfig, tokens):
   """Logits for every prefix of `tokens: [n]`, with full causal attention."""
   n = tokens.shape[0]
   pos = jnp.arange(n, dtype=jnp.int32)
-  x = params["embed"][tokens].astype(jnp.float32)
   causal = pos[None, :] <= pos[:, None]
 
-  def attention(q, k, v):
+  def layer(i, x):
+    p = _layer_params(params, i)
+    q, k, v = _attention_inputs(config, p, x, pos)
     group = q.shape[1] // k.shape[1]
     k, v = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)
     s = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[-1])
-    p = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
-    return jnp.einsum("hqk,khd->qhd", p, v)
+    probs = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
+    return _block_output(config, p, x, jnp.einsum("hqk,khd->qhd", probs, v))
 
-  for i in range(config.n_layers):
-    x = _layer(config, _layer_params(params, i), x, pos, attention)
+  x = params["embed"][tokens].astype(jnp.float32)
+  x = jax.lax.fori_loop(0, config.n_layers, layer, x)
   return _logits(config, params, x)
