@@ -59,8 +59,8 @@ def stats(cache: KVCache) -> dict:
   """Host-side accounting, measured from the arrays.
 
   Returns:
-    A dict of plain Python numbers (lists with one entry per sequence for a
-    batched cache): `length`, `sink_tokens`, `tail_tokens`, `store_tokens`,
+    A dict of plain Python numbers (for a batched or layer-stacked cache,
+    nested lists shaped like its leading axes): `length`, `sink_tokens`, `tail_tokens`, `store_tokens`,
     `retained_tokens`, `evicted_tokens`, `overflow`, `rejected_tokens`,
     `sink_bytes`, `tail_bytes`, `store_bytes` (bytes the retained tokens of
     each tier occupy, scales and zeros included), `allocated_bytes` (sum of
@@ -105,5 +105,7 @@ def stats(cache: KVCache) -> dict:
     rows.append(r)
   if not batch_shape:
     return rows[0]
-  return {k: [r[k] for r in rows] for k in rows[0]}
+  # Nested lists shaped like the batch axes (e.g. [sequence][layer]).
+  return {k: np.array([r[k] for r in rows], dtype=object).reshape(batch_shape).tolist()
+          for k in rows[0]}
 
