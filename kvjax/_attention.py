@@ -23,10 +23,16 @@ DEFAULT_BLOCK_SIZE = 1024
 
 
 class _Softmax(NamedTuple):
-  """Running state of the online softmax, per query row `m` of `[H, M]`."""
+  """Running state of the online softmax, per query row `m` of `[H, M]`.
+
+  Hot tiers accumulate values in the channel domain (`acc`), the store in
+  its format's domain (`store_acc`, rotated for TurboQuant), so a rotation is
+  undone once at the end, never per token.
+  """
   max: jax.Array  # [H, M]
   denom: jax.Array  # [H, M]
   acc: jax.Array  # [H, M, D]
+  store_acc: jax.Array  # [H, M, A]
 
 
 class _Query(NamedTuple):
@@ -36,11 +42,12 @@ class _Query(NamedTuple):
   softcap: jax.Array | None
 
 
-def _update(state: _Softmax, query: _Query, fmt, keys, values, key_pos,
-            key_ok):
+def _update(state: _Softmax, query: _Query, fmt, prepared_q, keys, values,
+            key_pos, key_ok, *, store: bool):
   """Folds one block (`keys`, `values` encoded as `fmt`, leaves `[H, B, ...]`;
-  `key_pos`, `key_ok`: `[B]`) into `state`."""
-  s = fmt.scores(query.q, keys)  # [H, M, B]
+  `key_pos`, `key_ok`: `[B]`; `prepared_q` from `fmt.prepare_query`) into
+  `state`, accumulating into `store_acc` if `store` else `acc`."""
+  s = fmt.scores(prepared_q, keys)  # [H, M, B]
   if query.softcap is not None:
     s = query.softcap * jnp.tanh(s / query.softcap)
   visible = key_ok[None, :] & (key_pos[None, :] <= query.pos[:, None])
@@ -51,11 +58,15 @@ def _update(state: _Softmax, query: _Query, fmt, keys, values, key_pos,
   # A row that has seen no key keeps max = -inf; shift it by 0 instead.
   shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
   p = jnp.exp(s - shift[..., None])
-  correction = jnp.exp(state.max - shift)
-  return _Softmax(
-      max=new_max,
-      denom=state.denom * correction + jnp.sum(p, axis=-1),
-      acc=state.acc * correction[..., None] + fmt.weighted_sum(p, values))
+  correction = jnp.exp(state.max - shift)[..., None]
+  acc, store_acc = state.acc * correction, state.store_acc * correction
+  if store:
+    store_acc = store_acc + fmt.weighted_sum(p, values)
+  else:
+    acc = acc + fmt.weighted_sum(p, values)
+  return _Softmax(max=new_max,
+                  denom=state.denom * correction[..., 0] + jnp.sum(p, axis=-1),
+                  acc=acc, store_acc=store_acc)
 
 
 def _check_query(cache: KVCache, q, q_pos, layer):
@@ -118,34 +129,37 @@ def attend(cache: KVCache, q, *, q_pos=None, scale=None, window=None,
       window=None if window is None else jnp.asarray(window, jnp.int32),
       softcap=None if softcap is None else jnp.asarray(softcap, jnp.float32))
   rows = group * n_q
+  hot, store = _state.hot_format(spec), _state.store_format(spec)
   state = _Softmax(jnp.full((h, rows), -jnp.inf, jnp.float32),
                    jnp.zeros((h, rows), jnp.float32),
-                   jnp.zeros((h, rows, d), jnp.float32))
-
-  hot, store = _state.hot_format(spec), _state.store_format(spec)
+                   jnp.zeros((h, rows, d), jnp.float32),
+                   jnp.zeros((h, rows, store.accumulator_dim(d)), jnp.float32))
+  order = _state.small_leaf(stack.store_order, layer) if store.split else None
   end = _state.nonsink_count(cache)
   if spec.sinks:
     slot = jnp.arange(spec.sinks, dtype=jnp.int32)
     sink_k, sink_v = (jax.tree.map(lambda a: _state.small_leaf(a, layer), x)
                       for x in (stack.sink_k, stack.sink_v))
-    state = _update(state, query, hot, sink_k, sink_v, slot,
-                    slot < _state.sink_count(cache))
-  state = _attend_store(stack, cache, layer, query, state, block_size)
+    state = _update(state, query, hot, query.q, sink_k, sink_v, slot,
+                    slot < _state.sink_count(cache), store=False)
+  store_q = store.prepare_query(query.q, None if order is None else order[0])
+  state = _attend_store(stack, cache, layer, query, store_q, state, block_size)
   slot = jnp.arange(spec.tail_slots, dtype=jnp.int32)
   j = _state.ring_index(slot, end, spec.tail_slots)
   tail_k, tail_v = (jax.tree.map(lambda a: _state.small_leaf(a, layer), x)
                     for x in (stack.tail_k, stack.tail_v))
-  state = _update(state, query, hot, tail_k, tail_v,
-                  spec.sinks + j, j >= end - cache.tail_count)
+  state = _update(state, query, hot, query.q, tail_k, tail_v,
+                  spec.sinks + j, j >= end - cache.tail_count, store=False)
 
+  acc = state.acc + store.finish(state.store_acc, None if order is None else order[1])
   out = jnp.where(state.denom[..., None] > 0,
-                  state.acc / jnp.maximum(state.denom, 1e-30)[..., None], 0.0)
+                  acc / jnp.maximum(state.denom, 1e-30)[..., None], 0.0)
   out = jnp.transpose(out.reshape(h, group, n_q, d), (2, 0, 1, 3))
   return out.reshape(n_q, hq, d).astype(q.dtype)
 
 
 def _attend_store(stack: KVCache, cache: KVCache, layer, query: _Query,
-                  state: _Softmax, block_size: int) -> _Softmax:
+                  store_q, state: _Softmax, block_size: int) -> _Softmax:
   """Folds the store tokens into `state`, one ring block per loop step.
 
   Blocks are `[b * B, (b + 1) * B)` of the ring, the last one clamped to end at
@@ -176,7 +190,8 @@ def _attend_store(stack: KVCache, cache: KVCache, layer, query: _Query,
     take = lambda a: _state.token_block(a, start, size, layer)
     keys = jax.tree.map(take, stack.store_k)
     values = jax.tree.map(take, stack.store_v)
-    return i + 1, _update(st, query, fmt, keys, values, spec.sinks + j, ok)
+    return i + 1, _update(st, query, fmt, store_q, keys, values,
+                          spec.sinks + j, ok, store=True)
 
   _, state = jax.lax.while_loop(lambda c: c[0] < steps, body,
                                 (jnp.int32(0), state))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import _affine
+from kvjax import _turbo
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -35,7 +36,22 @@ def _einsum(spec, a, b):
                     preferred_element_type=jnp.float32)
 
 
-class RawFormat:
+class _PlainDomain:
+  """Formats scored and accumulated in the original channel domain."""
+
+  def prepare_query(self, q, order=None):
+    del order
+    return q
+
+  def finish(self, acc, order=None):
+    del order
+    return acc
+
+  def accumulator_dim(self, head_dim):
+    return head_dim
+
+
+class RawFormat(_PlainDomain):
   """An unquantized store or hot tier in float32, bfloat16 or float16."""
 
   def __init__(self, name: str, dtype):
@@ -48,13 +64,17 @@ class RawFormat:
     del head_dim
     return None
 
-  def encode(self, x) -> RawValues:
+  split = False
+
+  def encode(self, x, order=None) -> RawValues:
+    del order
     x = jnp.asarray(x, jnp.float32).astype(self.dtype)
     if self.storage_dtype != self.dtype:
       x = jax.lax.bitcast_convert_type(x, self.storage_dtype)
     return RawValues(x)
 
-  def decode(self, enc: RawValues):
+  def decode(self, enc: RawValues, order=None):
+    del order
     x = enc.data
     if self.storage_dtype != self.dtype:
       x = jax.lax.bitcast_convert_type(x, self.dtype)
@@ -72,7 +92,7 @@ class RawFormat:
     return _einsum("hmb,hbd->hmd", p, self.decode(block))
 
 
-class AffineFormat:
+class AffineFormat(_PlainDomain):
   """Per-token asymmetric affine codes (q8, q4); see `_affine`."""
 
   def __init__(self, name: str, params: _affine.AffineParams):
@@ -84,10 +104,14 @@ class AffineFormat:
       return f"must be a multiple of {self.params.codes_per_byte}"
     return None
 
-  def encode(self, x) -> _affine.AffineCodes:
+  split = False
+
+  def encode(self, x, order=None) -> _affine.AffineCodes:
+    del order
     return _affine.encode(x, self.params)
 
-  def decode(self, enc):
+  def decode(self, enc, order=None):
+    del order
     return _affine.decode(enc, self.params)
 
   def empty(self, prefix, head_dim) -> _affine.AffineCodes:
@@ -124,6 +148,7 @@ FORMATS = {
     "f16": RawFormat("f16", jnp.float16),
     "q8": AffineFormat("q8", _affine.Q8),
     "q4": AffineFormat("q4", _affine.Q4),
+    **_turbo.FORMATS,
 }
 
 HOT_FORMATS = {"float32": FORMATS["f32"], "bfloat16": FORMATS["bf16"],
@@ -132,7 +157,7 @@ HOT_FORMATS = {"float32": FORMATS["f32"], "bfloat16": FORMATS["bf16"],
 
 def get(fmt):
   """The format object for a name (or a format object itself)."""
-  if isinstance(fmt, (RawFormat, AffineFormat)):
+  if isinstance(fmt, (RawFormat, AffineFormat, _turbo.TurboFormat)):
     return fmt
   if isinstance(fmt, str) and fmt in FORMATS:
     return FORMATS[fmt]

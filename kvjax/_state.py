@@ -13,6 +13,11 @@ ring keeps its hot copy. The counters decide which tier a token is read from,
 so migrating and evicting move no data. The retained non-sink tokens are
 `j in [evicted, n_nonsink)`; the newest `tail_count` of them are in the tail,
 the rest in the store.
+
+Split TurboQuant formats (turbo2.5, turbo3.5) give their outlier half one bit
+more. Which channels are outliers is fixed per head, for K and V separately,
+by the first non-sink token (its D/2 largest-magnitude channels) and kept in
+`store_order` until `clear`; other formats keep an empty `[2, H, 0]` there.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class KVCache:
   tail_v: Any
   store_k: Any
   store_v: Any
+  store_order: jax.Array  # int32 [2, H, D]: K and V channel order (split formats)
   length: jax.Array  # int32: positions handed out since init or clear
   evicted: jax.Array  # int32: non-sink tokens dropped (slide or evict)
   tail_count: jax.Array  # int32: newest retained tokens read from the tail
@@ -97,6 +103,8 @@ def init(spec: CacheSpec, batch: int | None = None) -> KVCache:
       tail_v=hot.empty((h, spec.tail_slots), d),
       store_k=store.empty((h, spec.store_slots), d),
       store_v=store.empty((h, spec.store_slots), d),
+      store_order=jnp.tile(jnp.arange(d if store.split else 0, dtype=jnp.int32),
+                           (2, h, 1)),
       length=zero(), evicted=zero(), tail_count=zero(), rejected=zero(),
       spec=spec)
 

@@ -108,7 +108,17 @@ def append(cache: KVCache, k, v, n_valid=None, *, layer=None) -> KVCache:
   # K and V go through the hot rounding and the store encoding together.
   kv = jnp.swapaxes(jnp.stack([k, v]), 1, 2)  # [2, H, n, D]
   hot_rows = hot.encode(kv)
-  store_rows = store.encode(hot.decode(hot_rows))
+  rounded = hot.decode(hot_rows)
+  order = stack.store_order
+  if store.split:
+    # The first non-sink token (position `sinks`) fixes each head's outlier
+    # channels; whichever call appends it, the choice is the same.
+    first = spec.sinks - cache.length
+    has_first = (first >= 0) & (first < accepted)
+    chosen = store.outlier_order(
+        jax.lax.dynamic_index_in_dim(rounded, jnp.clip(first, 0, n - 1), 2, False))
+    order = jnp.where(has_first, chosen, _state.small_leaf(order, layer))
+  store_rows = store.encode(rounded, order[:, :, None, :])
   new = {}
   for i, name in enumerate(("k", "v")):
     hot_i = jax.tree.map(lambda a: a[i], hot_rows)
@@ -123,6 +133,9 @@ def append(cache: KVCache, k, v, n_valid=None, *, layer=None) -> KVCache:
   evicted = cache.evicted
   if spec.overflow == "slide":
     evicted = jnp.maximum(evicted, new_end - spec.store_slots)
+  if store.split:
+    new["store_order"] = (order if layer is None
+                          else stack.store_order.at[layer].set(order))
   return _state.with_counters(
       dataclasses.replace(stack, **new), layer, length=new_length,
       evicted=evicted, tail_count=_tail_after(cache.tail_count, added, spec),

@@ -31,18 +31,20 @@ def materialize(cache: KVCache):
   in_tail = ~in_sink & ~in_store & (j < end)
   valid = in_sink | in_store | in_tail
 
-  def rows(fmt, enc, index):  # decoded [capacity, H, D] taken at ring slots
+  def rows(fmt, enc, index, order=None):  # decoded [capacity, H, D] at ring slots
     if jax.tree.leaves(enc)[0].shape[1] == 0:  # no sinks
       return jnp.zeros((spec.capacity, spec.num_kv_heads, spec.head_dim))
     taken = jax.tree.map(lambda a: jnp.take(a, index, axis=1, mode="clip"), enc)
-    return jnp.swapaxes(fmt.decode(taken), 0, 1)
+    return jnp.swapaxes(fmt.decode(taken, order), 0, 1)
 
   out = []
-  for sink, tail, stored in ((cache.sink_k, cache.tail_k, cache.store_k),
-                             (cache.sink_v, cache.tail_v, cache.store_v)):
+  for i, (sink, tail, stored) in enumerate(
+      ((cache.sink_k, cache.tail_k, cache.store_k),
+       (cache.sink_v, cache.tail_v, cache.store_v))):
+    order = cache.store_order[i][:, None, :] if store.split else None
     x = jnp.where(in_sink[:, None, None], rows(hot, sink, row), 0.0)
     x = jnp.where(in_store[:, None, None],
-                  rows(store, stored, jnp.mod(j, spec.store_slots)), x)
+                  rows(store, stored, jnp.mod(j, spec.store_slots), order), x)
     x = jnp.where(in_tail[:, None, None],
                   rows(hot, tail, jnp.mod(j, spec.tail_slots)), x)
     out.append(x)

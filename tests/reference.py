@@ -167,3 +167,49 @@ def attention(q, k, v, key_pos, key_valid, q_pos, *, scale=None, window=None,
       p = np.exp(logits - logits.max())
       out[i, h] = (p / p.sum()) @ v[visible, h // group]
   return out
+
+
+def pairwise_sum(x):
+  """numerics.md's reduction order: upper half onto lower half, repeatedly."""
+  x = np.asarray(x, F32)
+  while x.shape[-1] > 1:
+    h = x.shape[-1] // 2
+    x = (x[..., :h] + x[..., h:]).astype(F32)
+  return x[..., 0]
+
+
+def keep_bits(x, bits):
+  mask = np.uint32((0xFFFFFFFF << (24 - bits)) & 0xFFFFFFFF)
+  return (np.asarray(x, F32).view(np.uint32) & mask).view(F32)
+
+
+def turbo_mse_encode(x, bits, signs, centroids):
+  """TurboQuant-mse of `x: [n, m]` per numerics.md, in float32 numpy.
+
+  Returns (codes uint8 [n, m], norm float32 [n]). The sign table and the
+  codebook are the format's published tables.
+  """
+  x = np.asarray(x, F32)
+  m = x.shape[-1]
+  amax = np.abs(x).max(-1)
+  f = np.where(amax > 2.0**60, 2.0**-70, np.where(amax < 2.0**-60, 2.0**70, 1)).astype(F32)
+  x = (x * f[:, None]).astype(F32)  # exact: a power of two
+  hi = keep_bits(x, 12)
+  lo = (x - hi).astype(F32)
+  sq = ((hi * hi + (F32(2) * hi) * lo).astype(F32) + lo * lo).astype(F32)
+  norm = np.sqrt(pairwise_sum(sq)).astype(F32)
+  with np.errstate(divide="ignore"):
+    inv = np.where(norm > 0, (F32(1) / np.where(norm > 0, norm, 1)).astype(F32), 0)
+  u = (x * inv[:, None].astype(F32) * signs).astype(F32)
+  h = 1
+  while h < m:  # in-place butterflies (a + b, a - b)
+    u = u.reshape(len(u), m // (2 * h), 2, h)
+    u = np.stack([u[:, :, 0] + u[:, :, 1], u[:, :, 0] - u[:, :, 1]], 2).astype(F32)
+    u = u.reshape(len(u), m)
+    h *= 2
+  y = (u * F32(1 / np.sqrt(m))).astype(F32)
+  c = np.asarray(centroids, F32)
+  bounds = ((c[1:] + c[:-1]) * F32(0.5)).astype(F32)
+  bf16_max = F32(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
+  return ((y[..., None] > bounds).sum(-1).astype(np.uint8),
+          np.minimum((norm / f).astype(F32), bf16_max))
