@@ -15,6 +15,7 @@ from kvjax._transforms import check
 from kvjax._transforms import clear
 from kvjax._transforms import evict
 from kvjax._transforms import migrate
+from kvjax._turbo import TurboCodes
 from kvjax._views import materialize
 from kvjax._views import stats
 
@@ -25,6 +26,7 @@ __all__ = (
     "CacheSpec",
     "KVCache",
     "RawValues",
+    "TurboCodes",
     "append",
     "attend",
     "backend_info",

@@ -12,12 +12,13 @@ def quantize(x, fmt, *, backend=None):
 
   Args:
     x: `[..., D]`; every leading axis is a batch of groups.
-    fmt: a format name ("q8", "q4", "f32", "bf16", "f16").
+    fmt: a store format name ("q8", "q4", "turbo3.5", "f32", ...).
     backend: "jax", "ffi" or "auto"; default `$KVJAX_BACKEND` or "auto".
 
   Returns:
-    The format's NamedTuple: `AffineCodes(codes, scale, zero)` for q8/q4
-    (`numerics.md`), `RawValues(data)` for the unquantized formats.
+    The format's NamedTuple: `AffineCodes(codes, scale, zero)` for q8/q4,
+    `TurboCodes(codes, norms)` for turbo formats (outlier channels of the
+    split formats: the first D/2), `RawValues(data)` for the unquantized ones.
   """
   fmt = _formats.get(fmt)
   _backend.resolve(backend)

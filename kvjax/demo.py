@@ -26,7 +26,7 @@ import kvjax
 from kvjax import _formats
 from kvjax.models import llama
 
-DEFAULT_FORMATS = ("f32", "bf16", "q8", "q4")
+DEFAULT_FORMATS = ("f32", "q8", "q4", "turbo3.5")
 REFERENCE_FORMAT = "f32"
 
 
@@ -301,7 +301,7 @@ def main(argv=None) -> int:
     for b, question in enumerate(work.questions[:args.show]):
       print(f"\nQ{b + 1}: {question}")
       for store in formats:
-        print(f"  {store:>5}: {texts[store][b][:args.width]}")
+        print(f"  {store:>8}: {texts[store][b][:args.width]}")
   print(f"\n(total {time.perf_counter() - started:.0f}s; KL and agreement are "
         f"over {work.new_tokens} decode steps x {batch} sequences, each format "
         "fed float32's tokens)")

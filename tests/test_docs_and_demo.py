@@ -33,18 +33,19 @@ def test_doc_examples_run(path, capsys):
 
 def test_demo_prints_table_for_every_format(tmp_path, capsys):
   out = tmp_path / "rows.json"
-  assert demo.main(["--model", "random", "--formats", "f32,q8,q4", "--batch", "2", "--prompt-len",
+  assert demo.main(["--model", "random", "--formats", "f32,q8,q4,turbo3.5", "--batch", "2", "--prompt-len",
                     "40", "--new-tokens", "6", "--chunk", "16", "--tail", "8",
                     "--migrate-batch", "4", "--json", str(out)]) == 0
   text = capsys.readouterr().out
   assert "KL vs f32" in text and "greedy agree" in text
   import json
   rows = {r["format"]: r for r in json.loads(out.read_text())}
-  assert set(rows) == {"f32", "q8", "q4"}
+  assert set(rows) == {"f32", "q8", "q4", "turbo3.5"}
   assert rows["f32"]["kl"] == 0 and rows["f32"]["agree"] == 1
   assert rows["q8"]["kl"] >= 0 and np.isfinite(rows["q4"]["kl"])
   assert rows["q4"]["store_bits"] < rows["q8"]["store_bits"] < 32
   assert rows["q4"]["compression"] > rows["q8"]["compression"] > 1
+  assert rows["turbo3.5"]["store_bits"] == 4.0  # head_dim 64: 3.5 + two 16-bit norms
 
 
 def test_demo_says_how_to_install_a_missing_model(monkeypatch, capsys):
