@@ -22,7 +22,7 @@ def main():
   p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
   args = p.parse_args()
   capacities = [1024, 4096] if args.quick else [1024, 4096, 16384, 65536]
-  formats = ["q4"] if args.quick else ["f32", "bf16", "q8", "q4"]
+  formats = ["q4"] if args.quick else ["f32", "bf16", "q8", "q4", "turbo3.5"]
   rounds, steps = (2, 20) if args.quick else (7, 300)
   h, d = 8, 128
   k = jnp.ones((1, h, d), jnp.float32)

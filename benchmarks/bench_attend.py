@@ -56,7 +56,7 @@ def main():
   p.add_argument("--block-size", type=int, default=1024)
   args = p.parse_args()
   contexts = [1024, 4096] if args.quick else [1024, 4096, 8192, 16384, 32768]
-  formats = ["q4"] if args.quick else ["f32", "bf16", "q8", "q4"]
+  formats = ["q4"] if args.quick else ["f32", "bf16", "q8", "q4", "turbo3.5"]
   rounds, steps = (2, 3) if args.quick else (5, 10)
   q = jnp.asarray(np.random.default_rng(1).normal(size=(1, HQ, D)), jnp.float32)
   attend = jax.jit(lambda c, q: kvjax.attend(c, q, block_size=args.block_size))
