@@ -58,11 +58,22 @@ def _flush_tiny(x):
   return jnp.where(jnp.abs(x) < FLT_MIN, jnp.float32(0.0), x)
 
 
+def _tree_reduce(x, op):
+  """`op`-reduction of the last axis as a tree of elementwise ops on halves:
+  XLA:CPU fuses it into one loop, where a short `reduce` costs ~3x more.
+  (min and max are exact, so the order changes no bit.)"""
+  while x.shape[-1] > 1:
+    half = x.shape[-1] // 2
+    pairs = op(x[..., :half], x[..., half:2 * half])
+    x = jnp.concatenate([pairs, x[..., 2 * half:]], -1) if x.shape[-1] % 2 else pairs
+  return x[..., 0]
+
+
 def encode(x: jax.Array, params: AffineParams) -> AffineCodes:
   """Encodes float32 groups `x: [..., D]` (rules 1-7 and 9)."""
   x = jnp.asarray(x, jnp.float32)
   levels = np.float32(params.levels)
-  mn, mx = jnp.min(x, axis=-1), jnp.max(x, axis=-1)
+  mn, mx = _tree_reduce(x, jnp.minimum), _tree_reduce(x, jnp.maximum)
   # XLA's min/max propagate NaN, so a group is finite iff its extremes are.
   finite = jnp.isfinite(mn) & jnp.isfinite(mx)
   mn, mx = _flush_tiny(mn), _flush_tiny(mx)

@@ -16,8 +16,8 @@ the rest in the store.
 
 Split TurboQuant formats (turbo2.5, turbo3.5) give their outlier half one bit
 more. Which channels are outliers is fixed per head, for K and V separately,
-by the first non-sink token (its D/2 largest-magnitude channels) and kept in
-`store_order` until `clear`; other formats keep an empty `[2, H, 0]` there.
+by the first non-sink token (channels by decreasing magnitude; the first D/2
+are the outliers) and kept in `store_order` until `clear`; other formats keep an empty `[2, H, 0]` there.
 """
 
 from __future__ import annotations

@@ -115,9 +115,13 @@ def append(cache: KVCache, k, v, n_valid=None, *, layer=None) -> KVCache:
     # channels; whichever call appends it, the choice is the same.
     first = spec.sinks - cache.length
     has_first = (first >= 0) & (first < accepted)
-    chosen = store.outlier_order(
-        jax.lax.dynamic_index_in_dim(rounded, jnp.clip(first, 0, n - 1), 2, False))
-    order = jnp.where(has_first, chosen, _state.small_leaf(order, layer))
+    # A cond, so an unbatched append pays for the choice once (under vmap it
+    # becomes a select and is computed every time).
+    order = jax.lax.cond(
+        has_first,
+        lambda: store.outlier_order(jax.lax.dynamic_index_in_dim(
+            rounded, jnp.clip(first, 0, n - 1), 2, False)),
+        lambda: _state.small_leaf(order, layer))
   store_rows = store.encode(rounded, order[:, :, None, :])
   new = {}
   for i, name in enumerate(("k", "v")):
