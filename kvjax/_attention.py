@@ -111,6 +111,8 @@ def attend(cache: KVCache, q, *, q_pos=None, scale=None, window=None,
     ValueError: at trace time, for a `q` or `q_pos` of the wrong shape.
   """
   _check_query(cache, q, q_pos, layer)
+  if not isinstance(block_size, int) or block_size < 1:
+    raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
   stack, cache = cache, _state.layer_view(cache, layer)
   spec = cache.spec
   n_q, hq, d = q.shape

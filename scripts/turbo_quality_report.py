@@ -248,7 +248,7 @@ def markdown(rows, split, e2e, seconds):
             "format's fixed split (first D/2 channels at 4 bits) against the "
             "cache's rule (each head's D/2 largest-magnitude channels of its first "
             "non-sink token):", "",
-            f"| fixed split | first-token split |", "| --- | --- |",
+            "| fixed split | first-token split |", "| --- | --- |",
             f"| {split['fixed_split']:.2e} | {split['first_token_split']:.2e} |", ""]
   if e2e:
     lines += ["## End to end: SmolLM2-135M on a license text", "",

@@ -129,6 +129,8 @@ def test_bad_queries():
     kvjax.attend(cache, jnp.ones((1, 2, 16), jnp.int32))
   with pytest.raises(ValueError, match=r"q_pos: expected int32 \[1\]"):
     kvjax.attend(cache, jnp.ones((1, 2, 16)), q_pos=jnp.array([1, 2]))
+  with pytest.raises(ValueError, match="block_size: expected a positive int, got 0"):
+    kvjax.attend(cache, jnp.ones((1, 2, 16)), block_size=0)
   batch = jax.vmap(lambda _: cache)(jnp.arange(2))
   with pytest.raises(ValueError, match=r"use jax.vmap\(kvjax.attend\)"):
     kvjax.attend(batch, jnp.ones((1, 2, 16)))
