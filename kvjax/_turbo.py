@@ -132,6 +132,11 @@ def unrotate(y):
 def pack(codes, bits: int):
   """uint8 codes `[..., m]` (m % 8 == 0) -> `[..., m * bits // 8]` bytes."""
   lead, m = codes.shape[:-1], codes.shape[-1]
+  if 8 % bits == 0:  # codes never straddle a byte: the same layout, cheaper
+    per_byte = 8 // bits
+    groups = codes.reshape(*lead, m // per_byte, per_byte)
+    return functools.reduce(jnp.bitwise_or, [groups[..., j] << (j * bits)
+                                             for j in range(per_byte)]).astype(jnp.uint8)
   groups = codes.reshape(*lead, m // 8, 8).astype(jnp.uint32)
   word = functools.reduce(jnp.bitwise_or, [groups[..., k] << (k * bits) for k in range(8)])
   out = jnp.stack([(word >> (8 * j)) & 0xFF for j in range(bits)], axis=-1)
@@ -141,6 +146,11 @@ def pack(codes, bits: int):
 def unpack(packed, bits: int, m: int):
   """Inverse of `pack`: `[..., m * bits // 8]` -> uint8 `[..., m]`."""
   lead = packed.shape[:-1]
+  if 8 % bits == 0:  # codes never straddle a byte: the same layout, cheaper
+    per_byte = 8 // bits
+    codes = jnp.stack([(packed >> (j * bits)) & ((1 << bits) - 1)
+                       for j in range(per_byte)], -1)
+    return codes.astype(jnp.uint8).reshape(*lead, m)
   groups = packed.reshape(*lead, m // 8, bits).astype(jnp.uint32)
   word = functools.reduce(jnp.bitwise_or, [groups[..., j] << (8 * j) for j in range(bits)])
   codes = jnp.stack([(word >> (k * bits)) & ((1 << bits) - 1) for k in range(8)], -1)
