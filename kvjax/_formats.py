@@ -17,7 +17,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kvjax import _affine
 from kvjax import _turbo
@@ -164,9 +163,3 @@ def get(fmt):
   raise ValueError(
       f"fmt: unknown store format {fmt!r}; expected one of {tuple(FORMATS)}")
 
-
-def bytes_per_slot(enc, slots: int) -> int:
-  """Bytes one token occupies in an encoded buffer with `slots` tokens."""
-  total = sum(int(np.prod(a.shape)) * a.dtype.itemsize
-              for a in jax.tree.leaves(enc))
-  return total // slots if slots else 0

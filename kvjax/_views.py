@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import _formats, _state
+from kvjax import _state
 from kvjax._state import KVCache
 
 
@@ -52,7 +52,8 @@ def materialize(cache: KVCache):
   return out[0], out[1], jnp.where(valid, pos, -1), valid
 
 
-def _leaf_bytes(tree) -> int:
+def _tree_bytes(tree) -> int:
+  """Sum of `nbytes` of every array leaf (shapes only, so abstract values work)."""
   return sum(int(np.prod(a.shape)) * a.dtype.itemsize
              for a in jax.tree.leaves(tree))
 
@@ -77,7 +78,7 @@ def stats(cache: KVCache) -> dict:
   batch = int(np.prod(batch_shape)) if batch_shape else 1
 
   def per_token(a, b, slots):  # bytes of one token (K and V) in one sequence
-    return _formats.bytes_per_slot((a, b), slots * batch)
+    return _tree_bytes((a, b)) // (slots * batch) if slots else 0
 
   sink_b = per_token(cache.sink_k, cache.sink_v, spec.sinks)
   tail_b = per_token(cache.tail_k, cache.tail_v, spec.tail_slots)
@@ -89,7 +90,7 @@ def stats(cache: KVCache) -> dict:
       store_tokens=_state.store_count(cache), evicted_tokens=cache.evicted,
       rejected_tokens=cache.rejected))
   counts = {k: np.asarray(v).reshape(-1) for k, v in counts.items()}
-  allocated = _leaf_bytes(cache) // batch
+  allocated = _tree_bytes(cache) // batch
 
   rows = []
   for i in range(batch):
