@@ -1,27 +1,48 @@
-"""Backend selection for the low-level ops: the jnp reference or C++ kernels.
+"""Which implementation runs the q8/q4 kernels: the jnp reference or C++.
 
-The C++ kernels (jax.ffi custom calls) are not part of this build yet, so
-`"auto"` always resolves to the jnp reference and `"ffi"` raises.
+`"auto"` (the default) runs the C++ kernels in computations placed on the CPU
+when they loaded and the jnp reference elsewhere (`lax.platform_dependent`
+picks per lowering platform, so one jitted function serves CPU and GPU). The
+two give the same bits, so a cache built by either is identical.
 """
 
 from __future__ import annotations
 
 import os
 
+import jax
+
+from kvjax import _affine
+from kvjax import ffi
+
 BACKENDS = ("auto", "jax", "ffi")
-_FFI_MISSING = ("kvjax was built without its C++ kernels (kvjax.ffi is not "
-                "part of this version); the pure-jnp reference runs")
 
 
 def backend_info() -> dict:
-  """What runs the quantization kernels.
+  """What runs the quantization kernels, and why.
 
   Returns:
-    `{"ffi_loaded": bool, "isa": str | None, "reason": str | None,
-    "default_backend": str}`; `reason` says why the FFI is not used.
+    A dict: `ffi_loaded` (bool: the C++ kernels are registered with XLA),
+    `isa` (the variant they run: "scalar", "avx2", "avx512" or "neon"),
+    `isa_source` (why that variant), `reason` (why the kernels are not used,
+    when they are not), `compiled_isas` / `supported_isas` (built into the
+    extension / runnable on this CPU), `default_backend` (`$KVJAX_BACKEND`
+    or "auto") and `platform` (JAX's default platform: the kernels serve
+    computations on "cpu").
   """
-  return {"ffi_loaded": False, "isa": None, "reason": _FFI_MISSING,
-          "default_backend": default_backend()}
+  status = ffi.status()
+  requested = ffi.requested_isa()
+  if status.loaded:
+    isa_source = (f"forced by KVJAX_ISA={requested}" if requested != "auto"
+                  else "the best variant this CPU supports")
+  else:
+    isa_source = None
+  return {"ffi_loaded": status.loaded, "isa": status.isa,
+          "isa_source": isa_source, "reason": status.reason,
+          "compiled_isas": list(status.compiled_isas),
+          "supported_isas": list(status.supported_isas),
+          "default_backend": default_backend(),
+          "platform": jax.default_backend()}
 
 
 def default_backend() -> str:
@@ -32,10 +53,54 @@ def default_backend() -> str:
 
 
 def resolve(backend: str | None) -> str:
-  """The backend that runs: "jax" or "ffi"."""
+  """What runs: "jax", "ffi", or "auto" (ffi on CPU, jax elsewhere).
+
+  Raises:
+    ValueError: an unknown backend name.
+    RuntimeError: "ffi" without loaded kernels, or any use of the kernels
+      while `$KVJAX_ISA` names a variant that cannot run here (never a
+      silent fallback).
+  """
   backend = default_backend() if backend is None else backend
   if backend not in BACKENDS:
     raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-  if backend == "ffi":
-    raise RuntimeError(f"backend='ffi' was requested but {_FFI_MISSING}")
+  if backend == "jax":
+    return "jax"
+  status = ffi.status()
+  if status.loaded:
+    return backend
+  if backend == "ffi" or status.compiled_isas:
+    # Either asked for explicitly, or the extension is there but KVJAX_ISA
+    # forbids every variant it could run.
+    raise RuntimeError(f"backend={backend!r}: the C++ kernels cannot run: "
+                       f"{status.reason}")
   return "jax"
+
+
+def _bits(params: _affine.AffineParams) -> int:
+  return 8 // params.codes_per_byte
+
+
+def affine_encode(x, params: _affine.AffineParams, backend=None):
+  """`_affine.encode` by the selected backend (same bits either way)."""
+  mode = resolve(backend)
+  reference = lambda x: _affine.encode(x, params)
+  kernel = lambda x: _affine.AffineCodes(*ffi.affine_encode(x, _bits(params)))
+  if mode == "jax":
+    return reference(x)
+  if mode == "ffi":
+    return kernel(x)
+  return jax.lax.platform_dependent(x, cpu=kernel, default=reference)
+
+
+def affine_decode(enc: _affine.AffineCodes, params: _affine.AffineParams,
+                  backend=None):
+  """`_affine.decode` by the selected backend (same bits either way)."""
+  mode = resolve(backend)
+  reference = lambda enc: _affine.decode(enc, params)
+  kernel = lambda enc: ffi.affine_decode(*enc, _bits(params))
+  if mode == "jax":
+    return reference(enc)
+  if mode == "ffi":
+    return kernel(enc)
+  return jax.lax.platform_dependent(enc, cpu=kernel, default=reference)

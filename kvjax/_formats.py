@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax import _affine
+from kvjax import _backend
 from kvjax import _turbo
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -64,6 +65,7 @@ class RawFormat(_PlainDomain):
     return None
 
   split = False
+  kernels = False
 
   def encode(self, x, order=None) -> RawValues:
     del order
@@ -104,14 +106,15 @@ class AffineFormat(_PlainDomain):
     return None
 
   split = False
+  kernels = True  # C++ kernels exist (kvjax.ffi); `backend` picks them
 
-  def encode(self, x, order=None) -> _affine.AffineCodes:
+  def encode(self, x, order=None, *, backend=None) -> _affine.AffineCodes:
     del order
-    return _affine.encode(x, self.params)
+    return _backend.affine_encode(x, self.params, backend)
 
-  def decode(self, enc, order=None):
+  def decode(self, enc, order=None, *, backend=None):
     del order
-    return _affine.decode(enc, self.params)
+    return _backend.affine_decode(enc, self.params, backend)
 
   def empty(self, prefix, head_dim) -> _affine.AffineCodes:
     width = head_dim // self.params.codes_per_byte

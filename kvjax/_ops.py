@@ -13,7 +13,9 @@ def quantize(x, fmt, *, backend=None):
   Args:
     x: `[..., D]`; every leading axis is a batch of groups.
     fmt: a store format name ("q8", "q4", "turbo3.5", "f32", ...).
-    backend: "jax", "ffi" or "auto"; default `$KVJAX_BACKEND` or "auto".
+    backend: "jax" (the jnp reference), "ffi" (the C++ kernels; q8/q4 only),
+      or "auto" (the kernels on CPU when loaded, else jnp: the same bits);
+      default `$KVJAX_BACKEND` or "auto".
 
   Returns:
     The format's NamedTuple: `AffineCodes(codes, scale, zero)` for q8/q4,
@@ -21,18 +23,29 @@ def quantize(x, fmt, *, backend=None):
     split formats: the first D/2), `RawValues(data)` for the unquantized ones.
   """
   fmt = _formats.get(fmt)
-  _backend.resolve(backend)
+  kwargs = _backend_kwargs(fmt, backend)
   x = jnp.asarray(x)
   if x.ndim < 1:
     raise ValueError(f"x: expected shape [..., D], got {x.shape}")
+  if x.shape[-1] == 0:
+    raise ValueError(f"x: the last axis (D) must not be empty, got {x.shape}")
   problem = fmt.head_dim_problem(x.shape[-1])
   if problem:
     raise ValueError(f"x: last axis (D={x.shape[-1]}) {problem} for {fmt.name!r}")
-  return fmt.encode(x.astype(jnp.float32))
+  return fmt.encode(x.astype(jnp.float32), **kwargs)
 
 
 def dequantize(encoded, fmt, *, backend=None):
   """Decodes what `quantize` returned to float32 `[..., D]`."""
   fmt = _formats.get(fmt)
-  _backend.resolve(backend)
-  return fmt.decode(encoded)
+  kwargs = _backend_kwargs(fmt, backend)
+  return fmt.decode(encoded, **kwargs)
+
+
+def _backend_kwargs(fmt, backend) -> dict:
+  """Validates `backend` for `fmt`; the arguments its encode/decode take."""
+  if _backend.resolve(backend) == "ffi" and not fmt.kernels:
+    raise ValueError(
+        f"backend='ffi': kvjax has C++ kernels for q8 and q4, not for "
+        f"{fmt.name!r}; use backend='jax' or 'auto'")
+  return {"backend": backend} if fmt.kernels else {}

@@ -225,6 +225,8 @@ def _qjl_scale(m):
 class TurboFormat:
   """A TurboQuant store format; see the module docstring."""
 
+  kernels = False  # the jnp path only; no C++ kernels yet
+
   def __init__(self, name: str, bits: tuple, prod: bool = False,
                split: bool = False):
     self.name = name
