@@ -27,7 +27,7 @@ class CacheSpec:
     migrate_batch: tokens moved from the tail into the store at once.
     sinks: first tokens of the sequence kept in `hot_dtype` forever.
     hot_dtype: "float32" | "bfloat16" | "float16", the dtype of tail and sinks.
-    store: store format name, see `kvjax.formats()`.
+    store: store format name ("q8", "q4", "turbo3.5", "f32", ...; docs/formats.md).
     overflow: "slide" drops the oldest non-sink tokens when full; "error"
       rejects new tokens and records how many (see `kvjax.check`).
 

@@ -49,10 +49,11 @@ bool CpuSupports(const std::string& isa);
 
 // The variant to run: `requested` ("" or "auto" for the best this CPU
 // supports; otherwise a name from CompiledKernels). Returns nullptr and sets
-// `error` for an unknown name, a variant not built here, or one this CPU
-// cannot run: never a silent fallback.
+// `error` (which names the request as `source`, e.g. "KVJAX_ISA") for an
+// unknown name, a variant not built here, or one this CPU cannot run: never
+// a silent fallback.
 const KernelSet* SelectKernels(const std::string& requested,
-                               std::string* error);
+                               const std::string& source, std::string* error);
 
 }  // namespace kvjax
 

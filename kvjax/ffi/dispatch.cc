@@ -41,7 +41,7 @@ bool CpuSupports(const std::string& isa) {
 }
 
 const KernelSet* SelectKernels(const std::string& requested,
-                               std::string* error) {
+                               const std::string& source, std::string* error) {
   const std::vector<const KernelSet*> compiled = CompiledKernels();
   std::string names;
   for (const KernelSet* k : compiled) {
@@ -56,12 +56,12 @@ const KernelSet* SelectKernels(const std::string& requested,
   for (const KernelSet* k : compiled) {
     if (requested != k->isa) continue;
     if (CpuSupports(k->isa)) return k;
-    *error = "KVJAX_ISA=" + requested +
+    *error = source + "=" + requested +
              ": this CPU does not support it (variants built here: " + names +
              ")";
     return nullptr;
   }
-  *error = "KVJAX_ISA=" + requested + ": unknown or not built for this " +
+  *error = source + "=" + requested + ": unknown or not built for this " +
            "platform; expected auto or one of: " + names;
   return nullptr;
 }

@@ -87,7 +87,7 @@ int main(int argc, char** argv) {
     return Fail("--format: expected q8 or q4, got '" + format + "'");
   }
   std::string error;
-  const kvjax::KernelSet* kernels = kvjax::SelectKernels(isa, &error);
+  const kvjax::KernelSet* kernels = kvjax::SelectKernels(isa, "--isa", &error);
   if (!kernels) return Fail(error);
   const kvjax::FormatKernels& fk = format == "q8" ? kernels->q8 : kernels->q4;
   const int codes_per_byte = format == "q8" ? 1 : 2;

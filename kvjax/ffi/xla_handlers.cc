@@ -21,7 +21,7 @@ const Selection& ActiveKernels() {
   static const Selection selection = [] {
     Selection s;
     const char* env = std::getenv("KVJAX_ISA");
-    s.kernels = SelectKernels(env ? env : "", &s.error);
+    s.kernels = SelectKernels(env ? env : "", "KVJAX_ISA", &s.error);
     return s;
   }();
   return selection;

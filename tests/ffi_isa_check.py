@@ -1,0 +1,80 @@
+"""Bit-exactness of the loaded C++ kernel variant against the jnp reference.
+
+Run in a subprocess per variant (the variant is chosen once per process):
+
+  KVJAX_ISA=avx2 python -m tests.ffi_isa_check
+
+Compares backend="ffi", eagerly and under jit, with backend="jax" for
+encode and decode of q8 and q4, on the committed golden files, the
+adversarial groups at several D, and 2^20 random values; prints one JSON line
+with the mismatch counts and exits non-zero on any mismatch.
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+import kvjax
+from tests import golden
+from tests.affine_inputs import adversarial_groups, random_groups
+
+
+def as_bits(a):
+  a = np.asarray(a)
+  return a.view(np.uint32) if a.dtype == np.float32 else a
+
+
+def mismatches(got, want) -> int:
+  return int(np.sum(as_bits(got) != as_bits(want)))
+
+
+def encode_decode(x, fmt, backend, jit):
+  enc_fn = lambda a: kvjax.quantize(a, fmt, backend=backend)
+  dec_fn = lambda e: kvjax.dequantize(e, fmt, backend=backend)
+  if jit:
+    enc_fn, dec_fn = jax.jit(enc_fn), jax.jit(dec_fn)
+  enc = enc_fn(x)
+  return (*enc, dec_fn(enc))
+
+
+def main():
+  info = kvjax.backend_info()
+  if not info["ffi_loaded"]:
+    print(json.dumps({"error": info["reason"]}))
+    return 2
+  counts = {}  # case -> mismatched elements over codes, scale, zero, decoded
+  checked = 0
+  for fmt, golden_sizes in golden.GROUP_SIZES.items():
+    for d in sorted(set(golden_sizes) | {2, 40}):
+      # One array per (format, D), so each jit compiles once: the golden
+      # inputs, the adversarial groups, and at D=128 2^20 random values.
+      parts = [adversarial_groups(d)]
+      if d == 128:
+        parts.append(random_groups(8192, d, seed=5))
+      if d in golden_sizes:
+        parts.insert(0, golden.read_groups(golden.groups_path(d)))
+      x = np.concatenate(parts)
+      # The reference's eager and jit results agree (tests/test_affine.py).
+      want = encode_decode(x, fmt, "jax", True)
+      sources = {"ffi-eager": encode_decode(x, fmt, "ffi", False),
+                 "ffi-jit": encode_decode(x, fmt, "ffi", True)}
+      for source, got in sources.items():
+        counts[f"{fmt}/d{d}/{source}"] = sum(
+            mismatches(g, w) for g, w in zip(got, want))
+      if d in golden_sizes:  # the committed bytes, not only the live reference
+        _, file = golden.read_encoded(golden.encoded_path(fmt, d))
+        n = len(file.scale)
+        counts[f"{fmt}/d{d}/ffi-jit-vs-golden-file"] = sum(
+            mismatches(np.asarray(g)[:n], w)
+            for g, w in zip(sources["ffi-jit"], file))
+      checked += x.size
+  bad = {k: v for k, v in counts.items() if v}
+  print(json.dumps({"isa": info["isa"], "values_per_source": checked,
+                    "cases": len(counts), "mismatched": bad}))
+  return 1 if bad else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
