@@ -76,7 +76,9 @@ inline GroupAffine AffineFromRange(const GroupRange& range,
   const float mn = FlushTiny(range.min);
   const float mx = FlushTiny(range.max);
   float s = (mx - mn) * fmt.rcp_levels;
-  s = std::fmin(std::fmax(s, kScaleFloor), BitsFloat(fmt.scale_max_bits));
+  const float scale_max = BitsFloat(fmt.scale_max_bits);
+  s = s > kScaleFloor ? s : kScaleFloor;  // s is never NaN here
+  s = s < scale_max ? s : scale_max;
   s = BitsFloat(FloatBits(s) & fmt.keep_mask);
   // levels * s is exact, so this sum has one rounding, fused or not.
   const float top = static_cast<float>(fmt.levels) * s + mn;
@@ -84,14 +86,19 @@ inline GroupAffine AffineFromRange(const GroupRange& range,
   return {s, mn, 1.0f / s, true};
 }
 
-// Rule 5 for one element. `nearbyint` rounds half to even in the default
-// rounding mode, like jnp.round; clipping after rounding, as the reference.
+// Rule 5 for one element. The reference rounds, then clips; clipping first
+// gives the same code (rounding is monotone, 0 and L are integers, and t is
+// never NaN in a finite group) and keeps t in [0, 255], where adding and
+// subtracting 2^23 rounds half to even in the default rounding mode: no libm
+// call, so the scalar reference runs at a useful speed.
 inline uint8_t QuantizeElement(float x, const GroupAffine& g,
                                const AffineFormat& fmt) {
   if (!g.finite) return 0;
-  float q = std::nearbyint((x - g.zero) * g.inv_scale);
-  q = std::fmin(std::fmax(q, 0.0f), static_cast<float>(fmt.levels));
-  return static_cast<uint8_t>(q);
+  const float levels = static_cast<float>(fmt.levels);
+  float t = (x - g.zero) * g.inv_scale;
+  t = t > 0.0f ? t : 0.0f;
+  t = t < levels ? t : levels;
+  return static_cast<uint8_t>((t + 8388608.0f) - 8388608.0f);
 }
 
 // Rule 8: q * s is exact (rule 3), so fused and unfused agree.
@@ -132,8 +139,9 @@ inline void DecodeTail(const uint8_t* codes, float scale, float zero,
 inline GroupRange RangeTail(const float* x, int64_t begin, int64_t d,
                             GroupRange r) {
   for (int64_t i = begin; i < d; ++i) {
-    r.min = std::fmin(r.min, x[i]);
-    r.max = std::fmax(r.max, x[i]);
+    // NaN ordering does not matter: max_abs_bits flags non-finite groups.
+    r.min = x[i] < r.min ? x[i] : r.min;
+    r.max = x[i] > r.max ? x[i] : r.max;
     const uint32_t abs_bits = FloatBits(x[i]) & kAbsMask;
     if (abs_bits > r.max_abs_bits) r.max_abs_bits = abs_bits;
   }

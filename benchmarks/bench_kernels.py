@@ -1,0 +1,100 @@
+"""q8/q4 encode and decode throughput of each C++ kernel variant, against the
+jitted jnp reference and against a numpy copy of the same array.
+
+    python benchmarks/bench_kernels.py [--quick]
+
+For every variant this CPU runs (the variant is chosen once per process, so
+each runs in a child process with KVJAX_ISA set), the child times, in
+alternation: the jitted jnp reference (backend="jax"), the kernel
+(backend="ffi", jitted, XLA's thread pool), and `np.copy` of the float32
+input, on a [4096, 8, 128] float32 array. It reports speedup = jnp time /
+kernel time, and the kernel's bandwidth (bytes read + written per second) as
+a fraction of the copy's (2 x input bytes per second).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+import kvjax
+from _timing import interleaved, write
+
+SHAPE = (4096, 8, 128)
+QUICK_SHAPE = (256, 8, 128)
+
+
+def measure(shape, rounds, steps) -> dict:
+  """In the child: times for the variant this process loaded."""
+  x_np = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  x = jax.device_put(x_np)
+  candidates = {"numpy_copy": (lambda _, a: np.copy(a), None, (x_np,))}
+  encoded = {}
+  for fmt in ("q8", "q4"):
+    for backend in ("jax", "ffi"):
+      enc = jax.jit(lambda a, f=fmt, b=backend: kvjax.quantize(a, f, backend=b))
+      dec = jax.jit(lambda e, f=fmt, b=backend: kvjax.dequantize(e, f, backend=b))
+      encoded[fmt] = enc(x)
+      candidates[f"{fmt}_encode_{backend}"] = (lambda _, a, f=enc: f(a), None, (x,))
+      candidates[f"{fmt}_decode_{backend}"] = (
+          lambda _, e, f=dec: f(e), None, (encoded[fmt],))
+  times = interleaved(candidates, rounds=rounds, steps=steps)
+  x_bytes = x_np.nbytes
+  copy_bandwidth = 2 * x_bytes / times["numpy_copy"]
+  result = {"isa": kvjax.backend_info()["isa"], "shape": list(shape),
+            "seconds": times, "speedup_over_jnp": {}, "fraction_of_copy_bandwidth": {}}
+  for fmt in ("q8", "q4"):
+    encoded_bytes = sum(np.asarray(a).nbytes for a in encoded[fmt])
+    for op, moved in (("encode", x_bytes + encoded_bytes),
+                      ("decode", encoded_bytes + x_bytes)):
+      key = f"{fmt}_{op}"
+      ffi_time = times[f"{key}_ffi"]
+      result["speedup_over_jnp"][key] = times[f"{key}_jax"] / ffi_time
+      result["fraction_of_copy_bandwidth"][key] = moved / ffi_time / copy_bandwidth
+  return result
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--quick", action="store_true", help="small input (smoke test)")
+  p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  args = p.parse_args()
+  shape = QUICK_SHAPE if args.quick else SHAPE
+  rounds, steps = (2, 3) if args.quick else (9, 20)
+  if args.child:
+    print(json.dumps(measure(shape, rounds, steps)))
+    return 0
+  info = kvjax.backend_info()
+  if not info["ffi_loaded"]:
+    print(f"the C++ kernels are not loaded: {info['reason']}")
+    return 1
+  missing = [isa for isa in info["compiled_isas"] if isa not in info["supported_isas"]]
+  results = []
+  for isa in info["supported_isas"]:
+    proc = subprocess.run([sys.executable, __file__, "--child"] + (["--quick"] if args.quick else []),
+                          env={**os.environ, "KVJAX_ISA": isa}, capture_output=True,
+                          text=True, check=True)
+    results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+  print(f"input float32 {list(shape)}; ratios of medians, measured in alternation per variant")
+  print(f"{'variant':8s} {'op':10s} {'x jnp (jit)':>12s} {'of copy bw':>11s}")
+  for r in results:
+    for key, speedup in r["speedup_over_jnp"].items():
+      print(f"{r['isa']:8s} {key:10s} {speedup:11.2f}x "
+            f"{r['fraction_of_copy_bandwidth'][key]:10.0%}")
+  if missing:
+    print(f"not measured (this CPU cannot run them): {', '.join(missing)}")
+  ratios = {f"{r['isa']}/{key}/{kind}": r[kind][key] for r in results
+            for kind in ("speedup_over_jnp", "fraction_of_copy_bandwidth")
+            for key in r[kind]}
+  write("kernels_quick" if args.quick else "kernels",
+        {"ratios": ratios, "variants": results, "not_runnable_here": missing,
+         "threads": "XLA's intra-op pool", "cpu_count": os.cpu_count()})
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
