@@ -31,7 +31,7 @@ def backend_info() -> dict:
     computations on "cpu").
   """
   status = ffi.status()
-  requested = ffi.requested_isa()
+  requested = status.requested_isa
   if status.loaded:
     isa_source = (f"forced by KVJAX_ISA={requested}" if requested != "auto"
                   else "the best variant this CPU supports")

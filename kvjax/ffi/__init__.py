@@ -24,6 +24,7 @@ class Status:
   reason: str | None  # why the kernels cannot run, when they cannot
   compiled_isas: tuple[str, ...] = ()
   supported_isas: tuple[str, ...] = ()
+  requested_isa: str = "auto"  # $KVJAX_ISA when the extension loaded
 
 
 @functools.cache
@@ -38,17 +39,15 @@ def status() -> Status:
                   f"{type(e).__name__}: {e}")
   compiled = tuple(_kvjax_ffi.compiled_isas())
   supported = tuple(_kvjax_ffi.supported_isas())
+  # The extension reads $KVJAX_ISA once, on this first selection.
+  requested = os.environ.get("KVJAX_ISA", "auto") or "auto"
   try:
     isa = _kvjax_ffi.selected_isa()
   except RuntimeError as e:
-    return Status(False, None, str(e), compiled, supported)
+    return Status(False, None, str(e), compiled, supported, requested)
   for name, capsule in _kvjax_ffi.handlers().items():
     jax.ffi.register_ffi_target(name, capsule, platform="cpu")
-  return Status(True, isa, None, compiled, supported)
-
-
-def requested_isa() -> str:
-  return os.environ.get("KVJAX_ISA", "auto")
+  return Status(True, isa, None, compiled, supported, requested)
 
 
 def affine_encode(x: jax.Array, bits: int):
