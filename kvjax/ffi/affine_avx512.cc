@@ -83,13 +83,8 @@ KVJAX_AVX512 __m128i Quantize16(const float* x, __m512 zero, __m512 inv,
 template <const AffineFormat& kFmt>
 KVJAX_AVX512 void EncodeGroup(const float* x, int64_t d, uint8_t* codes,
                               float* scale, float* zero) {
-  const GroupAffine g = AffineFromRange(Range(x, d), kFmt);
-  *scale = g.scale;
-  *zero = g.zero;
-  if (!g.finite) {
-    std::memset(codes, 0, d / kFmt.codes_per_byte);
-    return;
-  }
+  const GroupAffine g = StartGroup(Range(x, d), d, kFmt, codes, scale, zero);
+  if (!g.finite) return;
   const __m512 zero_v = _mm512_set1_ps(g.zero);
   const __m512 inv_v = _mm512_set1_ps(g.inv_scale);
   const __m512 levels_v = _mm512_set1_ps(static_cast<float>(kFmt.levels));

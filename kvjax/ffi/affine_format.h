@@ -86,6 +86,19 @@ inline GroupAffine AffineFromRange(const GroupRange& range,
   return {s, mn, 1.0f / s, true};
 }
 
+// A group's parameters from its range, with its scale and zero written out
+// and, for a non-finite group (rule 9), its codes zeroed: the caller encodes
+// the elements only when the result is `finite`.
+inline GroupAffine StartGroup(const GroupRange& range, int64_t d,
+                              const AffineFormat& fmt, uint8_t* codes,
+                              float* scale, float* zero) {
+  const GroupAffine g = AffineFromRange(range, fmt);
+  *scale = g.scale;
+  *zero = g.zero;
+  if (!g.finite) std::memset(codes, 0, d / fmt.codes_per_byte);
+  return g;
+}
+
 // Rule 5 for one element. The reference rounds, then clips; clipping first
 // gives the same code (rounding is monotone, 0 and L are integers, and t is
 // never NaN in a finite group) and keeps t in [0, 255], where adding and
@@ -93,7 +106,6 @@ inline GroupAffine AffineFromRange(const GroupRange& range,
 // call, so the scalar reference runs at a useful speed.
 inline uint8_t QuantizeElement(float x, const GroupAffine& g,
                                const AffineFormat& fmt) {
-  if (!g.finite) return 0;
   const float levels = static_cast<float>(fmt.levels);
   float t = (x - g.zero) * g.inv_scale;
   t = t > 0.0f ? t : 0.0f;
@@ -106,8 +118,8 @@ inline float DequantizeElement(uint8_t q, float scale, float zero) {
   return static_cast<float>(q) * scale + zero;
 }
 
-// Rules 1-7 and 9 for one group, element by element from index `begin`:
-// the reference, and the tail of the SIMD variants.
+// Rules 5-7 for a finite group, element by element from index `begin`: the
+// reference, and the tail of the SIMD variants.
 inline void EncodeTail(const float* x, int64_t begin, int64_t d,
                        const GroupAffine& g, const AffineFormat& fmt,
                        uint8_t* codes) {

@@ -44,13 +44,8 @@ uint8x16_t Quantize16(const float* x, float32x4_t zero, float32x4_t inv,
 template <const AffineFormat& kFmt>
 void EncodeGroup(const float* x, int64_t d, uint8_t* codes, float* scale,
                  float* zero) {
-  const GroupAffine g = AffineFromRange(Range(x, d), kFmt);
-  *scale = g.scale;
-  *zero = g.zero;
-  if (!g.finite) {
-    std::memset(codes, 0, d / kFmt.codes_per_byte);
-    return;
-  }
+  const GroupAffine g = StartGroup(Range(x, d), d, kFmt, codes, scale, zero);
+  if (!g.finite) return;
   const float32x4_t zero_v = vdupq_n_f32(g.zero);
   const float32x4_t inv_v = vdupq_n_f32(g.inv_scale);
   const float32x4_t levels_v = vdupq_n_f32(static_cast<float>(kFmt.levels));

@@ -11,12 +11,10 @@ void Encode(const float* x, int64_t num_groups, int64_t group_size,
   const int64_t width = group_size / kFmt.codes_per_byte;
   for (int64_t g = 0; g < num_groups; ++g) {
     const float* group = x + g * group_size;
-    const GroupRange range =
-        RangeTail(group, 0, group_size, {group[0], group[0], 0});
-    const GroupAffine affine = AffineFromRange(range, kFmt);
-    EncodeTail(group, 0, group_size, affine, kFmt, codes + g * width);
-    scale[g] = affine.scale;
-    zero[g] = affine.zero;
+    const GroupAffine affine =
+        StartGroup(RangeTail(group, 0, group_size, {group[0], group[0], 0}),
+                   group_size, kFmt, codes + g * width, scale + g, zero + g);
+    if (affine.finite) EncodeTail(group, 0, group_size, affine, kFmt, codes + g * width);
   }
 }
 
