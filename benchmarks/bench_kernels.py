@@ -55,7 +55,32 @@ def measure(shape, rounds, steps) -> dict:
       ffi_time = times[f"{key}_ffi"]
       result["speedup_over_jnp"][key] = times[f"{key}_jax"] / ffi_time
       result["fraction_of_copy_bandwidth"][key] = moved / ffi_time / copy_bandwidth
+  result["append_speedup_over_jnp"] = append_speedups(shape[0] // 8, rounds, steps)
   return result
+
+
+def append_speedups(prefill, rounds, steps) -> dict:
+  """Cache append with KVJAX_BACKEND=jax against "auto" (the kernels)."""
+  h, d = SHAPE[1], SHAPE[2]
+  speedups = {}
+  for store in ("q8", "q4"):
+    spec = kvjax.CacheSpec(num_kv_heads=h, head_dim=d, capacity=4096, tail=256,
+                           migrate_batch=64, store=store, hot_dtype="bfloat16")
+    candidates = {}
+    for tokens in (1, prefill):
+      kv = jax.numpy.ones((tokens, h, d), jax.numpy.float32)
+      for backend in ("jax", "auto"):
+        os.environ["KVJAX_BACKEND"] = backend
+        jax.clear_caches()  # the backend is read when append is traced
+        step = jax.jit(kvjax.append, donate_argnums=0).lower(
+            kvjax.init(spec), kv, kv).compile()
+        candidates[(tokens, backend)] = (step, kvjax.init(spec), (kv, kv))
+    os.environ.pop("KVJAX_BACKEND")
+    times = interleaved(candidates, rounds=rounds, steps=steps)
+    for tokens in (1, prefill):
+      speedups[f"{store}_append_{tokens}_tokens"] = (
+          times[(tokens, "jax")] / times[(tokens, "auto")])
+  return speedups
 
 
 def main():
@@ -85,10 +110,15 @@ def main():
     for key, speedup in r["speedup_over_jnp"].items():
       print(f"{r['isa']:8s} {key:10s} {speedup:11.2f}x "
             f"{r['fraction_of_copy_bandwidth'][key]:10.0%}")
+  print("cache append (donated), jnp encoder time / kernel time:")
+  for r in results:
+    print(f"  {r['isa']:8s} " + ", ".join(
+        f"{k} {v:.2f}x" for k, v in r["append_speedup_over_jnp"].items()))
   if missing:
     print(f"not measured (this CPU cannot run them): {', '.join(missing)}")
   ratios = {f"{r['isa']}/{key}/{kind}": r[kind][key] for r in results
-            for kind in ("speedup_over_jnp", "fraction_of_copy_bandwidth")
+            for kind in ("speedup_over_jnp", "fraction_of_copy_bandwidth",
+                         "append_speedup_over_jnp")
             for key in r[kind]}
   write("kernels_quick" if args.quick else "kernels",
         {"ratios": ratios, "variants": results, "not_runnable_here": missing,
