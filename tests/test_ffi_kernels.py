@@ -201,3 +201,19 @@ def test_ffi_backend_only_for_formats_with_kernels():
   with pytest.raises(ValueError, match="C\\+\\+ kernels for q8 and q4, not "
                      "for 'turbo3.5'"):
     kvjax.quantize(np.zeros((2, 64), np.float32), "turbo3.5", backend="ffi")
+
+
+@needs_ffi
+def test_other_platforms_lower_to_the_jnp_path():
+  """"auto" picks per lowering platform: for a GPU the kernels' CPU-only
+  custom calls are never emitted (exported here without a GPU)."""
+  x = jnp.ones((4, 8, 32), jnp.float32)
+  encode = jax.jit(lambda a: kvjax.quantize(a, "q8"))
+  on_gpu = jax.export.export(encode, platforms=["cuda"])(x).mlir_module()
+  assert "kvjax_q8_encode" not in on_gpu and "round_nearest_even" in on_gpu
+  spec = kvjax.CacheSpec(num_kv_heads=8, head_dim=32, capacity=64, tail=8,
+                         migrate_batch=8, store="q4")
+  append = jax.export.export(jax.jit(kvjax.append), platforms=["cuda"])(
+      kvjax.init(spec), x[:1], x[:1]).mlir_module()
+  assert "kvjax_q4_encode" not in append
+  assert "kvjax_q8_encode" in encode.lower(x).as_text()  # and on CPU it is
