@@ -217,3 +217,17 @@ def test_other_platforms_lower_to_the_jnp_path():
       kvjax.init(spec), x[:1], x[:1]).mlir_module()
   assert "kvjax_q4_encode" not in append
   assert "kvjax_q8_encode" in encode.lower(x).as_text()  # and on CPU it is
+
+
+@needs_ffi
+@pytest.mark.parametrize("groups,d", [(9, 65536), (8193, 128), (300, 1000)])
+def test_thread_pool_split_covers_every_group(groups, d):
+  """Calls big enough for XLA's pool, split into uneven chunks."""
+  x = random_groups(groups, d, seed=groups)
+  for fmt in FORMATS:
+    if d % 2 and fmt == "q4":
+      continue
+    got = jax.jit(lambda a, f=fmt: kvjax.quantize(a, f, backend="ffi"))(x)
+    assert_same_bits(got, kvjax.quantize(x, fmt, backend="jax"))
+    assert_same_bits(kvjax.dequantize(got, fmt, backend="ffi"),
+                     kvjax.dequantize(got, fmt, backend="jax"))

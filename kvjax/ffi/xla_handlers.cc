@@ -47,12 +47,13 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t min_chunk, Fn fn) {
   };
   auto shared = std::make_shared<Shared>();
   const int64_t size = (n + chunks - 1) / chunks;
-  // Pool tasks copy `fn` only through this pointer, and touch it only while
-  // a claimed chunk keeps the caller waiting.
+  // Pool tasks reach `fn` through this pointer and call it only for a claimed
+  // chunk, which keeps the caller (and so `fn`) waiting until it is done.
   const Fn* body = &fn;
   auto work = [shared, body, chunks, size, n] {
     for (int64_t c; (c = shared->next.fetch_add(1)) < chunks;) {
-      (*body)(c * size, std::min(n, (c + 1) * size));
+      const int64_t begin = std::min(n, c * size);
+      if (begin < n) (*body)(begin, std::min(n, begin + size));
       shared->done.fetch_add(1, std::memory_order_release);
     }
   };
