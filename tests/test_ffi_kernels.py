@@ -191,6 +191,14 @@ def test_cache_append_calls_the_kernel_on_cpu():
 
 
 @needs_ffi
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_empty_batches(fmt):
+  enc = kvjax.quantize(np.zeros((0, 3, 8), np.float32), fmt, backend="ffi")
+  assert enc.codes.shape[:2] == enc.scale.shape == (0, 3)
+  assert kvjax.dequantize(enc, fmt, backend="ffi").shape == (0, 3, 8)
+
+
+@needs_ffi
 def test_handlers_reject_bad_shapes_clearly():
   with pytest.raises(Exception, match=r"kvjax encode: x must be \[\.\.\., D\] "
                      r"with D > 0 and even, got \[2, 5\]"):

@@ -9,8 +9,8 @@ instruction-set variant runs and, when nothing does, why.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +27,24 @@ class Status:
   requested_isa: str = "auto"  # $KVJAX_ISA when the extension loaded
 
 
-@functools.cache
+_LOCK = threading.Lock()
+_STATUS: list[Status] = []  # filled once
+
+
 def status() -> Status:
-  """Loads the extension once and registers its handlers."""
+  """Loads the extension once (thread-safe) and registers its handlers."""
+  with _LOCK:
+    if not _STATUS:
+      _STATUS.append(_load())
+    return _STATUS[0]
+
+
+def _require_loaded() -> None:
+  if not status().loaded:
+    raise RuntimeError(f"kvjax's C++ kernels cannot run: {status().reason}")
+
+
+def _load() -> Status:
   try:
     from kvjax.ffi import _kvjax_ffi  # pylint: disable=import-outside-toplevel
   except ImportError as e:
@@ -52,6 +67,7 @@ def status() -> Status:
 
 def affine_encode(x: jax.Array, bits: int):
   """q8 / q4 encode of float32 `x: [..., D]` by the C++ kernels."""
+  _require_loaded()
   lead, d = x.shape[:-1], x.shape[-1]
   out_types = (jax.ShapeDtypeStruct((*lead, d * bits // 8), jnp.uint8),
                jax.ShapeDtypeStruct(lead, jnp.float32),
@@ -64,6 +80,7 @@ def affine_encode(x: jax.Array, bits: int):
 def affine_decode(codes: jax.Array, scale: jax.Array, zero: jax.Array,
                   bits: int) -> jax.Array:
   """The inverse: float32 `[..., D]` from codes, scale and zero."""
+  _require_loaded()
   lead = np.broadcast_shapes(codes.shape[:-1], scale.shape, zero.shape)
   out_type = jax.ShapeDtypeStruct((*lead, codes.shape[-1] * 8 // bits),
                                   jnp.float32)
