@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <climits>
 #include <cstring>
 
 namespace kvjax {
@@ -99,18 +100,18 @@ inline GroupAffine StartGroup(const GroupRange& range, int64_t d,
   return g;
 }
 
-// Rule 5 for one element. The reference rounds, then clips; clipping first
-// gives the same code (rounding is monotone, 0 and L are integers, and t is
-// never NaN in a finite group) and keeps t in [0, 255], where adding and
-// subtracting 2^23 rounds half to even in the default rounding mode: no libm
-// call, so the scalar reference runs at a useful speed.
+// Rule 5 for one element, without branches or libm. t = (x - mn) / s is
+// >= 0, or above -2^-99 when mn was a flushed denormal, and never NaN in a
+// finite group. Adding 2^23 rounds t half to even (the default rounding
+// mode; exact integers from 2^23 on), and the sum's bits minus 2^23's are
+// then round(t) for t < 2^23 and grow with t beyond: so clipping that
+// integer to L gives clip(round(t), 0, L), the reference's code.
 inline uint8_t QuantizeElement(float x, const GroupAffine& g,
                                const AffineFormat& fmt) {
-  const float levels = static_cast<float>(fmt.levels);
-  float t = (x - g.zero) * g.inv_scale;
-  t = t > 0.0f ? t : 0.0f;
-  t = t < levels ? t : levels;
-  return static_cast<uint8_t>((t + 8388608.0f) - 8388608.0f);
+  const float t = (x - g.zero) * g.inv_scale;
+  const int32_t q = static_cast<int32_t>(FloatBits(t + 8388608.0f) -
+                                         FloatBits(8388608.0f));
+  return static_cast<uint8_t>(q < fmt.levels ? q : fmt.levels);
 }
 
 // Rule 8: q * s is exact (rule 3), so fused and unfused agree.
@@ -127,9 +128,9 @@ inline void EncodeTail(const float* x, int64_t begin, int64_t d,
     for (int64_t i = begin; i < d; ++i) codes[i] = QuantizeElement(x[i], g, fmt);
     return;
   }
-  for (int64_t i = begin; i < d; i += 2) {
-    codes[i / 2] = static_cast<uint8_t>(QuantizeElement(x[i], g, fmt) |
-                                        (QuantizeElement(x[i + 1], g, fmt) << 4));
+  for (int64_t j = begin / 2; j < d / 2; ++j) {  // byte j: elements 2j, 2j+1
+    codes[j] = static_cast<uint8_t>(QuantizeElement(x[2 * j], g, fmt) |
+                                    (QuantizeElement(x[2 * j + 1], g, fmt) << 4));
   }
 }
 
@@ -141,11 +142,38 @@ inline void DecodeTail(const uint8_t* codes, float scale, float zero,
       out[i] = DequantizeElement(codes[i], scale, zero);
     return;
   }
-  for (int64_t i = begin; i < d; i += 2) {
-    const uint8_t byte = codes[i / 2];
-    out[i] = DequantizeElement(byte & 0xF, scale, zero);
-    out[i + 1] = DequantizeElement(byte >> 4, scale, zero);
+  for (int64_t j = begin / 2; j < d / 2; ++j) {
+    out[2 * j] = DequantizeElement(codes[j] & 0xF, scale, zero);
+    out[2 * j + 1] = DequantizeElement(codes[j] >> 4, scale, zero);
   }
+}
+
+// An int32 key ordered like the float it encodes (-0 < +0), and back: the
+// scalar reference reduces keys, which compilers vectorize, where float
+// min/max (with their NaN rules) stay scalar without fast-math.
+inline int32_t OrderedKey(uint32_t bits) {
+  return static_cast<int32_t>(bits ^ ((0u - (bits >> 31)) & kAbsMask));
+}
+
+inline float KeyFloat(int32_t key) {
+  const uint32_t bits = static_cast<uint32_t>(key);
+  return BitsFloat(bits ^ ((0u - (bits >> 31)) & kAbsMask));
+}
+
+// The range of a whole group (non-finite values included in any order:
+// max_abs_bits flags them).
+inline GroupRange ScalarRange(const float* x, int64_t d) {
+  int32_t lo = INT32_MAX, hi = INT32_MIN;
+  uint32_t max_abs_bits = 0;
+  for (int64_t i = 0; i < d; ++i) {
+    const uint32_t bits = FloatBits(x[i]);
+    const int32_t key = OrderedKey(bits);
+    lo = key < lo ? key : lo;
+    hi = key > hi ? key : hi;
+    const uint32_t abs_bits = bits & kAbsMask;
+    max_abs_bits = abs_bits > max_abs_bits ? abs_bits : max_abs_bits;
+  }
+  return {KeyFloat(lo), KeyFloat(hi), max_abs_bits};
 }
 
 inline GroupRange RangeTail(const float* x, int64_t begin, int64_t d,

@@ -12,7 +12,7 @@ void Encode(const float* x, int64_t num_groups, int64_t group_size,
   for (int64_t g = 0; g < num_groups; ++g) {
     const float* group = x + g * group_size;
     const GroupAffine affine =
-        StartGroup(RangeTail(group, 0, group_size, {group[0], group[0], 0}),
+        StartGroup(ScalarRange(group, group_size),
                    group_size, kFmt, codes + g * width, scale + g, zero + g);
     if (affine.finite) EncodeTail(group, 0, group_size, affine, kFmt, codes + g * width);
   }
