@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import kvjax
@@ -68,14 +69,14 @@ def append_speedups(prefill, rounds, steps) -> dict:
                            migrate_batch=64, store=store, hot_dtype="bfloat16")
     candidates = {}
     for tokens in (1, prefill):
-      kv = jax.numpy.ones((tokens, h, d), jax.numpy.float32)
+      kv = jnp.ones((tokens, h, d), jnp.float32)
       for backend in ("jax", "auto"):
         os.environ["KVJAX_BACKEND"] = backend
         jax.clear_caches()  # the backend is read when append is traced
         step = jax.jit(kvjax.append, donate_argnums=0).lower(
             kvjax.init(spec), kv, kv).compile()
         candidates[(tokens, backend)] = (step, kvjax.init(spec), (kv, kv))
-    os.environ.pop("KVJAX_BACKEND")
+    os.environ.pop("KVJAX_BACKEND", None)
     times = interleaved(candidates, rounds=rounds, steps=steps)
     for tokens in (1, prefill):
       speedups[f"{store}_append_{tokens}_tokens"] = (

@@ -81,26 +81,25 @@ def _bits(params: _affine.AffineParams) -> int:
   return 8 // params.codes_per_byte
 
 
+def _run(backend, reference, kernel, operand):
+  """`reference(operand)` or `kernel(operand)`, as `backend` resolves."""
+  mode = resolve(backend)
+  if mode == "jax":
+    return reference(operand)
+  if mode == "ffi":
+    return kernel(operand)
+  return jax.lax.platform_dependent(operand, cpu=kernel, default=reference)
+
+
 def affine_encode(x, params: _affine.AffineParams, backend=None):
   """`_affine.encode` by the selected backend (same bits either way)."""
-  mode = resolve(backend)
-  reference = lambda x: _affine.encode(x, params)
-  kernel = lambda x: _affine.AffineCodes(*ffi.affine_encode(x, _bits(params)))
-  if mode == "jax":
-    return reference(x)
-  if mode == "ffi":
-    return kernel(x)
-  return jax.lax.platform_dependent(x, cpu=kernel, default=reference)
+  return _run(backend, lambda x: _affine.encode(x, params),
+              lambda x: _affine.AffineCodes(*ffi.affine_encode(x, _bits(params))),
+              x)
 
 
 def affine_decode(enc: _affine.AffineCodes, params: _affine.AffineParams,
                   backend=None):
   """`_affine.decode` by the selected backend (same bits either way)."""
-  mode = resolve(backend)
-  reference = lambda enc: _affine.decode(enc, params)
-  kernel = lambda enc: ffi.affine_decode(*enc, _bits(params))
-  if mode == "jax":
-    return reference(enc)
-  if mode == "ffi":
-    return kernel(enc)
-  return jax.lax.platform_dependent(enc, cpu=kernel, default=reference)
+  return _run(backend, lambda enc: _affine.decode(enc, params),
+              lambda enc: ffi.affine_decode(*enc, _bits(params)), enc)

@@ -131,10 +131,12 @@ def test_vmap_including_unbatched_scale_and_zero(fmt):
   assert_same_bits(jax.vmap(enc_ffi)(x), ref)
   assert_same_bits(jax.jit(jax.vmap(enc_ffi, in_axes=1, out_axes=1))(x), ref)
   assert_same_bits(jax.vmap(jax.vmap(enc_ffi))(x), ref)
-  c, s, z = ref
+  # Batch entries that differ, so a handler that misread the batch index of
+  # a broadcast operand would show.
+  other = kvjax.quantize(x[1] * 3 + 1, fmt, backend="jax")
   for in_axes in [(0, None, None), (None, 0, 0), (0, 0, None), (None, None, 0)]:
-    args = [a if ax is None else jnp.stack([a, a + 0 * a]) for a, ax in
-            zip((c[0], s[0], z[0]), in_axes)]
+    args = [a if ax is None else jnp.stack([a, b]) for a, b, ax in
+            zip((ref.codes[0], ref.scale[0], ref.zero[0]), other, in_axes)]
     got = jax.jit(jax.vmap(dec_ffi, in_axes=in_axes, axis_size=2))(*args)
     want = jax.vmap(dec_ref, in_axes=in_axes, axis_size=2)(*args)
     assert got.shape == (2, 5, 34)
