@@ -1,6 +1,8 @@
 """kvjax: a functional, quantized KV cache for JAX decoding loops."""
 
 from kvjax._affine import AffineCodes
+from kvjax._affine import Q4Codes
+from kvjax._affine import Q8Codes
 from kvjax._attention import attend
 from kvjax._backend import backend_info
 from kvjax._formats import RawValues
@@ -10,6 +12,7 @@ from kvjax._spec import CacheSpec
 from kvjax._state import KVCache
 from kvjax._state import init
 from kvjax._state import length
+from kvjax._transforms import acknowledge_overflow
 from kvjax._transforms import append
 from kvjax._transforms import check
 from kvjax._transforms import clear
@@ -25,8 +28,11 @@ __all__ = (
     "AffineCodes",
     "CacheSpec",
     "KVCache",
+    "Q4Codes",
+    "Q8Codes",
     "RawValues",
     "TurboCodes",
+    "acknowledge_overflow",
     "append",
     "attend",
     "backend_info",

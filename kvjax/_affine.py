@@ -19,6 +19,7 @@ CANONICAL_NAN_BITS = np.uint32(0x7FC00000)
 
 
 class AffineParams(NamedTuple):
+  name: str  # "q8" or "q4"
   levels: int  # L: largest code
   scale_max: np.float32  # S_MAX, so that L * s stays finite
   keep_mask: np.uint32  # clears the scale's low mantissa bits (rule 3)
@@ -26,9 +27,9 @@ class AffineParams(NamedTuple):
   codes_per_byte: int
 
 
-Q8 = AffineParams(255, np.float32(2.0**119), np.uint32(0xFFFFFF00),
+Q8 = AffineParams("q8", 255, np.float32(2.0**119), np.uint32(0xFFFFFF00),
                   np.uint32(0x100), 1)
-Q4 = AffineParams(15, np.float32(2.0**123), np.uint32(0xFFFFFFF0),
+Q4 = AffineParams("q4", 15, np.float32(2.0**123), np.uint32(0xFFFFFFF0),
                   np.uint32(0x10), 2)
 
 
@@ -39,10 +40,27 @@ class AffineCodes(NamedTuple):
     low nibble of byte i, element 2i+1 in the high nibble).
   scale: float32 `[...]`, the step `s`.
   zero: float32 `[...]`, the group minimum `mn`.
+
+  `quantize` returns the subclass `Q8Codes` or `Q4Codes`, so `dequantize`
+  can tell q8 codes given as "q4" (which have a valid q4 shape) from q4 ones;
+  an `AffineCodes` built by hand is taken as the format it is given as.
   """
   codes: jax.Array
   scale: jax.Array
   zero: jax.Array
+
+
+class Q8Codes(AffineCodes):
+  """`AffineCodes` made by the q8 encoder."""
+  __slots__ = ()
+
+
+class Q4Codes(AffineCodes):
+  """`AffineCodes` made by the q4 encoder."""
+  __slots__ = ()
+
+
+CODES_TYPES = {"q8": Q8Codes, "q4": Q4Codes}
 
 
 def _bits(x):
@@ -90,7 +108,8 @@ def encode(x: jax.Array, params: AffineParams) -> AffineCodes:
   if params.codes_per_byte == 2:
     q = q[..., 0::2] | (q[..., 1::2] << 4)
   nan = _float(jnp.full(finite.shape, CANONICAL_NAN_BITS))
-  return AffineCodes(q, jnp.where(finite, s, nan), jnp.where(finite, mn, nan))
+  return CODES_TYPES[params.name](q, jnp.where(finite, s, nan),
+                                  jnp.where(finite, mn, nan))
 
 
 def unpack(codes: jax.Array, params: AffineParams):
@@ -98,7 +117,8 @@ def unpack(codes: jax.Array, params: AffineParams):
   if params.codes_per_byte == 1:
     return codes
   low, high = codes & 0xF, codes >> 4
-  return jnp.stack([low, high], axis=-1).reshape(*codes.shape[:-1], -1)
+  return jnp.stack([low, high], axis=-1).reshape(*codes.shape[:-1],
+                                                 2 * codes.shape[-1])
 
 
 def decode(enc: AffineCodes, params: AffineParams) -> jax.Array:

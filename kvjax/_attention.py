@@ -16,6 +16,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+import numpy as np
+
+from kvjax import _checks
 from kvjax import _state
 from kvjax._state import KVCache
 
@@ -27,12 +30,16 @@ class _Softmax(NamedTuple):
 
   Hot tiers accumulate values in the channel domain (`acc`), the store in
   its format's domain (`store_acc`, rotated for TurboQuant), so a rotation is
-  undone once at the end, never per token.
+  undone once at the end, never per token. `seen` marks rows that have seen a
+  key (the rest return zeros); `nan` rows that have seen a NaN or +Inf logit,
+  which makes every softmax weight NaN (the rest of the row is not needed).
   """
   max: jax.Array  # [H, M]
   denom: jax.Array  # [H, M]
   acc: jax.Array  # [H, M, D]
   store_acc: jax.Array  # [H, M, A]
+  seen: jax.Array  # [H, M] bool
+  nan: jax.Array  # [H, M] bool
 
 
 class _Query(NamedTuple):
@@ -40,6 +47,57 @@ class _Query(NamedTuple):
   pos: jax.Array  # [M] int32 absolute positions
   window: jax.Array | None
   softcap: jax.Array | None
+
+
+def visible_keys(query: _Query, key_pos, key_ok):
+  """`[M, B]`: which keys each query row sees (causal, window)."""
+  visible = key_ok[None, :] & (key_pos[None, :] <= query.pos[:, None])
+  if query.window is not None:
+    # p - w < pos, without int32 overflow for huge windows.
+    lowest = jnp.iinfo(jnp.int32).min
+    start = jnp.where(query.pos < lowest + query.window, lowest,
+                      query.pos - query.window)
+    visible &= key_pos[None, :] > start[:, None]
+  return visible
+
+
+def _nonfinite_part(p, visible, x):
+  """What the non-finite values of `x: [H, B, D]` add to `sum_b p x` for the
+  visible keys, as the reference's products do (`0 * Inf` is NaN, a +Inf and
+  a -Inf cancel to NaN): `[H, M, D]` of 0, NaN or +-Inf. Masked keys add
+  nothing."""
+  def part():
+    vis = jnp.broadcast_to(visible[None], p.shape)
+    count = lambda w, ind: _einsum_f32("hmb,hbd->hmd", w, ind)
+    nan = count(vis, jnp.isnan(x)) + count(vis & (p == 0), jnp.isinf(x))
+    pos = count(vis & (p > 0), x == jnp.inf)
+    neg = count(vis & (p > 0), x == -jnp.inf)
+    return jnp.where((nan > 0) | ((pos > 0) & (neg > 0)), jnp.nan,
+                     jnp.where(pos > 0, jnp.inf, jnp.where(neg > 0, -jnp.inf, 0.0)))
+  zeros = lambda: jnp.zeros(p.shape[:2] + x.shape[-1:], jnp.float32)
+  # Only blocks that hold a non-finite value pay for it (under vmap both run).
+  return jax.lax.cond(jnp.all(jnp.isfinite(x)), zeros, part)
+
+
+def _einsum_f32(spec, a, b):
+  return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32),
+                    preferred_element_type=jnp.float32)
+
+
+def _weighted_values(fmt, p, visible, values):
+  """`sum_b p[m, b] v[b]` over the visible keys only, and the rows where a
+  visible key's values are all NaN (per-token formats): (`[H, M, A]`,
+  `[H, M]` bool). A masked key never contributes, whatever its values:
+  the kernel selects, it never multiplies by zero."""
+  if fmt.token_finite is None:  # per-channel values (raw formats)
+    x = fmt.decode(values)
+    clean = jnp.where(jnp.isfinite(x), x, 0.0)
+    acc = jnp.einsum("hmb,hbd->hmd", p, clean, precision=jax.lax.Precision.HIGHEST,
+                     preferred_element_type=jnp.float32)
+    return acc + _nonfinite_part(p, visible, x), jnp.zeros(p.shape[:2], bool)
+  ok = fmt.token_finite(values)  # [H, B]
+  nan = jnp.any(visible[None] & ~ok[:, None, :], axis=-1)
+  return fmt.weighted_sum(p, fmt.without_tokens(values, ok)), nan
 
 
 def _update(state: _Softmax, query: _Query, fmt, prepared_q, keys, values,
@@ -50,23 +108,26 @@ def _update(state: _Softmax, query: _Query, fmt, prepared_q, keys, values,
   s = fmt.scores(prepared_q, keys)  # [H, M, B]
   if query.softcap is not None:
     s = query.softcap * jnp.tanh(s / query.softcap)
-  visible = key_ok[None, :] & (key_pos[None, :] <= query.pos[:, None])
-  if query.window is not None:
-    visible &= key_pos[None, :] > query.pos[:, None] - query.window
+  visible = visible_keys(query, key_pos, key_ok)
   s = jnp.where(visible[None], s, -jnp.inf)
+  nan = state.nan | jnp.any(jnp.isnan(s) | (s == jnp.inf), axis=-1)
   new_max = jnp.maximum(state.max, jnp.max(s, axis=-1))
-  # A row that has seen no key keeps max = -inf; shift it by 0 instead.
-  shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+  # A row that has seen no finite logit keeps max = -inf; shift it by 0
+  # instead (and a NaN row's values no longer matter).
+  shift = jnp.where((new_max == -jnp.inf) | nan, 0.0, new_max)
   p = jnp.exp(s - shift[..., None])
-  correction = jnp.exp(state.max - shift)[..., None]
+  correction = jnp.exp(jnp.where(nan, 0.0, state.max - shift))[..., None]
   acc, store_acc = state.acc * correction, state.store_acc * correction
+  weighted, bad_values = _weighted_values(fmt, p, visible, values)
   if store:
-    store_acc = store_acc + fmt.weighted_sum(p, values)
+    store_acc = store_acc + weighted
   else:
-    acc = acc + fmt.weighted_sum(p, values)
+    acc = acc + weighted
   return _Softmax(max=new_max,
                   denom=state.denom * correction[..., 0] + jnp.sum(p, axis=-1),
-                  acc=acc, store_acc=store_acc)
+                  acc=acc, store_acc=store_acc,
+                  seen=state.seen | jnp.any(visible, axis=-1)[None],
+                  nan=nan | bad_values)
 
 
 def _check_query(cache: KVCache, q, q_pos, layer):
@@ -84,35 +145,77 @@ def _check_query(cache: KVCache, q, q_pos, layer):
     if jnp.shape(q_pos) != (shape[0],) or not jnp.issubdtype(
         jnp.result_type(q_pos), jnp.integer):
       raise ValueError(f"q_pos: expected int32 [{shape[0]}], got "
-                       f"{jnp.result_type(q_pos)} {jnp.shape(q_pos)}")
+                       f"{_checks.describe(q_pos)}")
 
 
-@functools.partial(jax.jit, static_argnames="block_size")
+def _options(scale, window, softcap, block_size):
+  """Validated `scale`, `window`, `softcap` (traced or concrete scalars)."""
+  if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+    raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
+  if scale is not None:
+    scale = _checks.float_scalar("scale", scale)
+  if window is not None:
+    # A traced window <= 0 sees no key (nothing can be raised under jit).
+    window = _checks.positive_int_scalar("window", window)
+  if softcap is not None:
+    concrete = not isinstance(softcap, jax.core.Tracer)
+    softcap = _checks.float_scalar("softcap", softcap)
+    if concrete and not float(softcap) > 0:
+      raise ValueError(f"softcap: expected a number > 0, got {float(softcap)!r}")
+  return scale, window, softcap
+
+
 def attend(cache: KVCache, q, *, q_pos=None, scale=None, window=None,
-           softcap=None, layer=None, block_size: int = DEFAULT_BLOCK_SIZE):
+           softcap=None, layer=None, block_size: int = DEFAULT_BLOCK_SIZE,
+           implementation=None):
   """Softmax attention of queries over the retained tokens.
 
   Args:
-    cache: a `KVCache` (one sequence; `jax.vmap` for a batch).
+    cache: a `KVCache` (one sequence; `jax.vmap` for a batch); with `layer`,
+      a stack of per-layer caches.
     q: `[n_q, Hq, D]` queries; query head `h` reads kv head `h // (Hq // H)`.
-    q_pos: int32 `[n_q]` absolute positions; default the last `n_q` appended.
+    q_pos: int `[n_q]` absolute positions (an array or a list); default the
+      last `n_q` appended.
     scale: logit scale, default `1/sqrt(D)`. Python number or traced scalar.
     window: if set, a query at `p` sees keys with `p - window < pos <= p`.
-    softcap: if set, logits become `softcap * tanh(logits / softcap)`.
+      An int >= 1 (a traced value <= 0 sees no key).
+    softcap: if set (> 0), logits become `softcap * tanh(logits / softcap)`.
     layer: optional int scalar (may be traced): attend over this layer of a
-      stack of caches (see `append`), reading its blocks in place.
-    block_size: store tokens read per step (bounds temporary memory).
+      stack of caches (see `append`), reading its blocks in place. A traced
+      index outside the stack gives NaN.
+    block_size: store tokens read per step by the jnp path (bounds its
+      temporary memory).
+    implementation: None (pick per call: the C++ kernel on CPU when it is
+      loaded and `n_q` fits it, else the jnp path), "ffi" (the kernel; an
+      error if it cannot run) or "xla" (the jnp path). See docs/attention.md.
 
   Returns:
     `[n_q, Hq, D]` in `q.dtype`, accumulated in float32. A query that sees no
-    key gets zeros.
+    key gets zeros; one that sees a non-finite key or value gets non-finite
+    values where the reference (softmax over `materialize`) has them, and a
+    masked, evicted, cleared or padding token never contributes.
 
   Raises:
-    ValueError: at trace time, for a `q` or `q_pos` of the wrong shape.
+    ValueError: at trace time, for a `q`, `q_pos`, `scale`, `window`,
+      `softcap` or `layer` of the wrong kind.
   """
+  if q_pos is not None and not isinstance(q_pos, (jax.Array, jax.core.Tracer)):
+    q_pos = np.asarray(q_pos)
   _check_query(cache, q, q_pos, layer)
-  if not isinstance(block_size, int) or block_size < 1:
-    raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
+  scale, window, softcap = _options(scale, window, softcap, block_size)
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation: expected one of {IMPLEMENTATIONS}, got "
+                     f"{implementation!r}")
+  return _attend(cache, q, q_pos, scale, window, softcap, layer,
+                 block_size=block_size, implementation=implementation)
+
+
+IMPLEMENTATIONS = (None, "ffi", "xla")
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "implementation"))
+def _attend(cache, q, q_pos, scale, window, softcap, layer, *, block_size,
+            implementation):
   stack, cache = cache, _state.layer_view(cache, layer)
   spec = cache.spec
   n_q, hq, d = q.shape
@@ -128,14 +231,14 @@ def attend(cache: KVCache, q, *, q_pos=None, scale=None, window=None,
   query = _Query(
       q=qh * jnp.asarray(scale, jnp.float32),
       pos=jnp.tile(jnp.asarray(q_pos, jnp.int32), group),
-      window=None if window is None else jnp.asarray(window, jnp.int32),
-      softcap=None if softcap is None else jnp.asarray(softcap, jnp.float32))
+      window=window, softcap=softcap)
   rows = group * n_q
   hot, store = _state.hot_format(spec), _state.store_format(spec)
   state = _Softmax(jnp.full((h, rows), -jnp.inf, jnp.float32),
                    jnp.zeros((h, rows), jnp.float32),
                    jnp.zeros((h, rows, d), jnp.float32),
-                   jnp.zeros((h, rows, store.accumulator_dim(d)), jnp.float32))
+                   jnp.zeros((h, rows, store.accumulator_dim(d)), jnp.float32),
+                   jnp.zeros((h, rows), bool), jnp.zeros((h, rows), bool))
   order = _state.small_leaf(stack.store_order, layer) if store.split else None
   end = _state.nonsink_count(cache)
   if spec.sinks:
@@ -154,8 +257,11 @@ def attend(cache: KVCache, q, *, q_pos=None, scale=None, window=None,
                   spec.sinks + j, j >= end - cache.tail_count, store=False)
 
   acc = state.acc + store.finish(state.store_acc, None if order is None else order[1])
-  out = jnp.where(state.denom[..., None] > 0,
-                  acc / jnp.maximum(state.denom, 1e-30)[..., None], 0.0)
+  # A row that saw keys whose logits are all -inf has denom 0: 0/0 is NaN, as
+  # in the reference.
+  out = jnp.where(state.seen[..., None], acc / state.denom[..., None], 0.0)
+  out = jnp.where(state.nan[..., None] | ~_state.layer_in_range(stack, layer),
+                  jnp.nan, out)
   out = jnp.transpose(out.reshape(h, group, n_q, d), (2, 0, 1, 3))
   return out.reshape(n_q, hq, d).astype(q.dtype)
 

@@ -19,15 +19,17 @@ BACKENDS = ("auto", "jax", "ffi")
 
 
 def backend_info() -> dict:
-  """What runs the quantization kernels, and why.
+  """What runs the C++ kernels, and why. Never raises: a bad environment
+  variable is reported in `reason`.
 
   Returns:
     A dict: `ffi_loaded` (bool: the C++ kernels are registered with XLA),
     `isa` (the variant they run: "scalar", "avx2", "avx512" or "neon"),
     `isa_source` (why that variant), `reason` (why the kernels are not used,
-    when they are not), `compiled_isas` / `supported_isas` (built into the
-    extension / runnable on this CPU), `default_backend` (`$KVJAX_BACKEND`
-    or "auto") and `platform` (JAX's default platform: the kernels serve
+    when they are not, or why `$KVJAX_BACKEND` is invalid),
+    `compiled_isas` / `supported_isas` (built into the extension / runnable
+    on this CPU), `default_backend` (`$KVJAX_BACKEND` or "auto"; None if it
+    is invalid) and `platform` (JAX's default platform: the kernels serve
     computations on "cpu").
   """
   status = ffi.status()
@@ -37,18 +39,28 @@ def backend_info() -> dict:
                   else "the best variant this CPU supports")
   else:
     isa_source = None
+  reasons = [status.reason] if status.reason else []
+  try:
+    default = default_backend()
+  except ValueError as e:
+    default = None
+    reasons.append(str(e))
   return {"ffi_loaded": status.loaded, "isa": status.isa,
-          "isa_source": isa_source, "reason": status.reason,
+          "isa_source": isa_source,
+          "reason": "; ".join(reasons) if reasons else None,
           "compiled_isas": list(status.compiled_isas),
           "supported_isas": list(status.supported_isas),
-          "default_backend": default_backend(),
+          "default_backend": default,
           "platform": jax.default_backend()}
 
 
 def default_backend() -> str:
-  value = os.environ.get("KVJAX_BACKEND", "auto")
+  """`$KVJAX_BACKEND`, where unset or empty means "auto" (as for
+  `$KVJAX_ISA`)."""
+  value = os.environ.get("KVJAX_BACKEND", "") or "auto"
   if value not in BACKENDS:
-    raise ValueError(f"KVJAX_BACKEND: expected one of {BACKENDS}, got {value!r}")
+    raise ValueError(f"KVJAX_BACKEND: expected one of {BACKENDS} (or unset), "
+                     f"got {value!r}")
   return value
 
 
@@ -94,7 +106,8 @@ def _run(backend, reference, kernel, operand):
 def affine_encode(x, params: _affine.AffineParams, backend=None):
   """`_affine.encode` by the selected backend (same bits either way)."""
   return _run(backend, lambda x: _affine.encode(x, params),
-              lambda x: _affine.AffineCodes(*ffi.affine_encode(x, _bits(params))),
+              lambda x: _affine.CODES_TYPES[params.name](
+                  *ffi.affine_encode(x, _bits(params))),
               x)
 
 

@@ -74,6 +74,16 @@ class RawFormat(_PlainDomain):
       x = jax.lax.bitcast_convert_type(x, self.storage_dtype)
     return RawValues(x)
 
+  def encoded_problem(self, enc):
+    """Why `enc` is not this format's encoding (None if it is)."""
+    if not isinstance(enc, RawValues):
+      return f"expected kvjax.RawValues for {self.name!r}, got {type(enc).__name__}"
+    if jnp.dtype(enc.data.dtype) != self.storage_dtype:
+      return (f"expected RawValues.data of dtype {self.storage_dtype} for "
+              f"{self.name!r} ({self.dtype} stored as {self.storage_dtype}), "
+              f"got {enc.data.dtype}")
+    return None
+
   def decode(self, enc: RawValues, order=None):
     del order
     x = enc.data
@@ -91,6 +101,9 @@ class RawFormat(_PlainDomain):
   def weighted_sum(self, p, block):
     """`p: [H, M, B]` float32 -> `sum_b p[h, m, b] v[h, b]`: `[H, M, D]`."""
     return _einsum("hmb,hbd->hmd", p, self.decode(block))
+
+  # Raw values can be non-finite channel by channel (an Inf in one channel).
+  token_finite = None
 
 
 class AffineFormat(_PlainDomain):
@@ -112,13 +125,28 @@ class AffineFormat(_PlainDomain):
     del order
     return _backend.affine_encode(x, self.params, backend)
 
+  def encoded_problem(self, enc):
+    """Why `enc` is not this format's encoding (None if it is)."""
+    if not isinstance(enc, _affine.AffineCodes):
+      return (f"expected kvjax.AffineCodes for {self.name!r}, got "
+              f"{type(enc).__name__}")
+    for name, tagged in _affine.CODES_TYPES.items():
+      if name != self.name and isinstance(enc, tagged):
+        return (f"these are {name} codes (kvjax.quantize(x, {name!r})); "
+                f"dequantize them as {name!r}, not {self.name!r}")
+    codes = jnp.asarray(enc.codes)
+    if codes.dtype != jnp.uint8 or codes.ndim < 1:
+      return (f"expected uint8 codes of shape [..., D / {self.params.codes_per_byte}]"
+              f", got {codes.dtype} {codes.shape}")
+    return None
+
   def decode(self, enc, order=None, *, backend=None):
     del order
     return _backend.affine_decode(enc, self.params, backend)
 
   def empty(self, prefix, head_dim) -> _affine.AffineCodes:
     width = head_dim // self.params.codes_per_byte
-    return _affine.AffineCodes(jnp.zeros((*prefix, width), jnp.uint8),
+    return _affine.CODES_TYPES[self.name](jnp.zeros((*prefix, width), jnp.uint8),
                                jnp.ones(prefix, jnp.float32),
                                jnp.zeros(prefix, jnp.float32))
 
@@ -126,6 +154,16 @@ class AffineFormat(_PlainDomain):
     if self.params.codes_per_byte == 1:
       return (q,)
     return (q[..., 0::2], q[..., 1::2])
+
+  def token_finite(self, block):
+    """`[H, B]`: whether each token decodes to finite values (a non-finite
+    group has NaN scale and zero, so all of its values are NaN)."""
+    return jnp.isfinite(block.scale) & jnp.isfinite(block.zero)
+
+  def without_tokens(self, block, ok):
+    """`block` with the tokens where `ok` is False made zero (finite)."""
+    return block._replace(scale=jnp.where(ok, block.scale, 0.0),
+                          zero=jnp.where(ok, block.zero, 0.0))
 
   def scores(self, q, block):
     planes = _affine.code_planes(block.codes, self.params)

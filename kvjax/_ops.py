@@ -36,9 +36,18 @@ def quantize(x, fmt, *, backend=None):
 
 
 def dequantize(encoded, fmt, *, backend=None):
-  """Decodes what `quantize` returned to float32 `[..., D]`."""
+  """Decodes what `quantize` returned to float32 `[..., D]`.
+
+  Raises:
+    ValueError: `encoded` is not an encoding of `fmt` (another format's
+      NamedTuple, q8 codes given as "q4", turbo codes of a width that no
+      head_dim has, the wrong dtypes), or an unknown format or backend.
+  """
   fmt = _formats.get(fmt)
   kwargs = _backend_kwargs(fmt, backend)
+  problem = fmt.encoded_problem(encoded)
+  if problem:
+    raise ValueError(f"encoded: {problem}")
   return fmt.decode(encoded, **kwargs)
 
 

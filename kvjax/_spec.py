@@ -3,16 +3,44 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
+
+import numpy as np
 
 from kvjax import _formats
 
 HOT_DTYPES = ("float32", "bfloat16", "float16")
 OVERFLOW_MODES = ("slide", "error")
+# Positions, counters and ring indices are int32.
+MAX_CAPACITY = 2**31 - 1
+
+# Every spelling of a hot dtype that a user may reasonably pass, by its
+# canonical name: the names, the store formats' short names, and numpy/jnp
+# dtype objects and scalar types (normalized through `np.dtype` below).
+_HOT_ALIASES = {"float32": "float32", "f32": "float32",
+                "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float16": "float16", "f16": "float16"}
 
 
 def _require(ok: bool, field: str, rule: str, value) -> None:
   if not ok:
     raise ValueError(f"CacheSpec.{field}: {rule} (got {value!r})")
+
+
+def canonical_hot_dtype(value):
+  """The canonical name ("float32", "bfloat16", "float16") of `value`, or
+  None if it names no hot dtype."""
+  if isinstance(value, str):
+    return _HOT_ALIASES.get(value)
+  try:
+    name = np.dtype(value).name
+  except TypeError:
+    return None
+  return name if name in HOT_DTYPES else None
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,10 +54,15 @@ class CacheSpec:
     tail: newest tokens always kept in `hot_dtype`.
     migrate_batch: tokens moved from the tail into the store at once.
     sinks: first tokens of the sequence kept in `hot_dtype` forever.
-    hot_dtype: "float32" | "bfloat16" | "float16", the dtype of tail and sinks.
+    hot_dtype: "float32" | "bfloat16" | "float16", the dtype of tail and
+      sinks; also accepted: "f32" / "bf16" / "f16" and numpy or jnp dtypes
+      (stored as the canonical name, so equal specs hash equally).
     store: store format name ("q8", "q4", "turbo3.5", "f32", ...; docs/formats.md).
     overflow: "slide" drops the oldest non-sink tokens when full; "error"
       rejects new tokens and records how many (see `kvjax.check`).
+
+  Sizes may be any integer type (numpy integers included); they are stored
+  as Python ints.
 
   Raises:
     ValueError: naming the field and the rule, for any invalid combination.
@@ -49,8 +82,10 @@ class CacheSpec:
     for name in ("num_kv_heads", "head_dim", "capacity", "tail",
                  "migrate_batch", "sinks"):
       value = getattr(self, name)
-      _require(isinstance(value, int) and not isinstance(value, bool), name,
-               "must be a Python int", value)
+      _require(_is_int(value), name, "must be an int", value)
+      object.__setattr__(self, name, int(value))
+      _require(int(value) <= MAX_CAPACITY, name,
+               f"must be at most 2**31 - 1 (int32 positions and counters)", value)
     _require(self.num_kv_heads >= 1, "num_kv_heads", "must be >= 1",
              self.num_kv_heads)
     _require(self.head_dim >= 1, "head_dim", "must be >= 1", self.head_dim)
@@ -58,10 +93,13 @@ class CacheSpec:
     _require(self.migrate_batch >= 1, "migrate_batch", "must be >= 1",
              self.migrate_batch)
     _require(self.sinks >= 0, "sinks", "must be >= 0", self.sinks)
-    _require(self.hot_dtype in HOT_DTYPES, "hot_dtype",
-             f"must be one of {HOT_DTYPES}", self.hot_dtype)
-    _require(self.overflow in OVERFLOW_MODES, "overflow",
-             f"must be one of {OVERFLOW_MODES}", self.overflow)
+    hot = canonical_hot_dtype(self.hot_dtype)
+    _require(hot is not None, "hot_dtype",
+             f"must be one of {HOT_DTYPES} (or f32/bf16/f16, or a numpy/jnp "
+             "dtype of those)", self.hot_dtype)
+    object.__setattr__(self, "hot_dtype", hot)
+    _require(isinstance(self.overflow, str) and self.overflow in OVERFLOW_MODES,
+             "overflow", f"must be one of {OVERFLOW_MODES}", self.overflow)
     _require(isinstance(self.store, str) and self.store in _formats.FORMATS,
              "store", f"must be one of {tuple(_formats.FORMATS)}", self.store)
     fmt = _formats.FORMATS[self.store]

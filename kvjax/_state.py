@@ -23,6 +23,7 @@ are the outliers) and kept in `store_order` until `clear`; other formats keep an
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 import jax
@@ -48,6 +49,9 @@ class KVCache:
   evicted: jax.Array  # int32: non-sink tokens dropped (slide or evict)
   tail_count: jax.Array  # int32: newest retained tokens read from the tail
   rejected: jax.Array  # int32: tokens refused by overflow="error"
+  # int32: tokens an append refused because its traced `layer` index was
+  # outside the stack (recorded in every layer; a static index raises).
+  bad_layer_tokens: jax.Array
   spec: CacheSpec = dataclasses.field(metadata=dict(static=True))
 
   def __repr__(self):
@@ -56,6 +60,8 @@ class KVCache:
       counts = (f"length={self.length.tolist()}, tail={self.tail_count.tolist()}"
                 f", evicted={self.evicted.tolist()}"
                 f", rejected={self.rejected.tolist()}")
+      if self.bad_layer_tokens.any():
+        counts += f", bad_layer_tokens={self.bad_layer_tokens.tolist()}"
     except Exception:  # Traced: no values to show.
       counts = "traced"
     batch = self.length.shape
@@ -76,23 +82,34 @@ def store_format(spec: CacheSpec):
   return _formats.FORMATS[spec.store]
 
 
-def init(spec: CacheSpec, batch: int | None = None) -> KVCache:
+def init(spec: CacheSpec, batch=None) -> KVCache:
   """An empty cache.
 
   Args:
     spec: the `CacheSpec`.
     batch: if given, a batch of `batch` independent caches (leading axis on
-      every leaf), the same as `jax.vmap(lambda _: init(spec))(jnp.arange(batch))`.
+      every leaf), the same as `jax.vmap(lambda _: init(spec))(jnp.arange(batch))`;
+      a stack of per-layer caches is `batch=num_layers` (see `append`'s
+      `layer`), and `batch=(B, L)` is a batch of `B` such stacks.
 
   Returns:
     A `KVCache` with `length == 0`.
+
+  Raises:
+    ValueError: `spec` is not a `CacheSpec`, or `batch` is not a positive int
+      or a tuple of them.
   """
   if not isinstance(spec, CacheSpec):
     raise ValueError(f"spec: expected a kvjax.CacheSpec, got {type(spec).__name__}")
   if batch is not None:
-    if not isinstance(batch, int) or batch < 1:
-      raise ValueError(f"batch: expected a positive int, got {batch!r}")
-    return jax.vmap(lambda _: init(spec))(jnp.arange(batch))
+    shape = batch if isinstance(batch, tuple) else (batch,)
+    if not shape or not all(_positive_int(b) for b in shape):
+      raise ValueError("batch: expected a positive int or a tuple of them "
+                       f"(e.g. (sequences, layers)), got {batch!r}")
+    make = lambda _: init(spec)
+    for _ in shape:
+      make = jax.vmap(make)
+    return make(jnp.zeros(tuple(int(b) for b in shape)))
   h, d = spec.num_kv_heads, spec.head_dim
   hot, store = hot_format(spec), store_format(spec)
   # One array per counter: a shared one could not be donated twice.
@@ -106,7 +123,12 @@ def init(spec: CacheSpec, batch: int | None = None) -> KVCache:
       store_order=jnp.tile(jnp.arange(d if store.split else 0, dtype=jnp.int32),
                            (2, h, 1)),
       length=zero(), evicted=zero(), tail_count=zero(), rejected=zero(),
-      spec=spec)
+      bad_layer_tokens=zero(), spec=spec)
+
+
+def _positive_int(value) -> bool:
+  return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+          and value >= 1)
 
 
 # Derived bookkeeping (all int32, per sequence).
@@ -138,11 +160,20 @@ def ring_index(slot, end, slots: int):
   return end - 1 - jnp.mod(end - 1 - slot, slots)
 
 
+def require_cache(cache, fn_name: str) -> None:
+  if not isinstance(cache, KVCache):
+    raise ValueError(f"cache: expected a kvjax.KVCache, got "
+                     f"{type(cache).__name__} (in kvjax.{fn_name})")
+
+
 def require_single(cache: KVCache, fn_name: str, layer=None) -> None:
   """Transforms take one cache (or, with `layer`, a stack of per-layer caches
-  with one leading axis); a batch goes through `jax.vmap`."""
-  if not isinstance(cache, KVCache):
-    raise ValueError(f"cache: expected a kvjax.KVCache, got {type(cache).__name__}")
+  with one leading axis); a batch goes through `jax.vmap`.
+
+  A static `layer` outside the stack raises here; a traced one is checked
+  where it is used (`layer_in_range`).
+  """
+  require_cache(cache, fn_name)
   if layer is None and cache.length.ndim:
     raise ValueError(
         f"cache: {fn_name} takes one cache, got a batch of shape "
@@ -154,9 +185,22 @@ def require_single(cache: KVCache, fn_name: str, layer=None) -> None:
           f"cache: {fn_name}(..., layer=i) takes a stack of per-layer caches "
           f"(one leading axis, e.g. kvjax.init(spec, batch=num_layers)), got "
           f"counters of shape {cache.length.shape}")
-    if jnp.ndim(layer) or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
-      raise ValueError(f"layer: expected an int scalar, got {jnp.result_type(layer)} "
-                       f"{jnp.shape(layer)}")
+    if (isinstance(layer, bool) or jnp.ndim(layer)
+        or not jnp.issubdtype(jnp.result_type(layer), jnp.integer)):
+      raise ValueError(f"layer: expected an int scalar, got {layer!r}")
+    layers = cache.length.shape[0]
+    if not isinstance(layer, jax.core.Tracer):
+      index = int(layer)
+      if not 0 <= index < layers:
+        raise ValueError(f"layer: expected 0 <= layer < {layers} (the stack's "
+                         f"layers), got {index}")
+
+
+def layer_in_range(cache: KVCache, layer):
+  """True, or for a traced `layer` whether it indexes the stack."""
+  if layer is None or not isinstance(layer, jax.core.Tracer):
+    return jnp.bool_(True)
+  return (layer >= 0) & (layer < cache.length.shape[0])
 
 
 # A stack of per-layer caches is one `KVCache` whose leaves have a leading
@@ -172,7 +216,8 @@ def layer_view(cache: KVCache, layer) -> KVCache:
   return dataclasses.replace(cache, length=take(cache.length),
                              evicted=take(cache.evicted),
                              tail_count=take(cache.tail_count),
-                             rejected=take(cache.rejected))
+                             rejected=take(cache.rejected),
+                             bad_layer_tokens=take(cache.bad_layer_tokens))
 
 
 def small_leaf(a, layer):
@@ -212,6 +257,5 @@ def with_counters(cache: KVCache, layer, **counters) -> KVCache:
 def length(cache: KVCache) -> jax.Array:
   """Positions handed out so far (int32; `[B]` for a batch): the position the
   next appended token gets, e.g. for RoPE in a decoding loop."""
-  if not isinstance(cache, KVCache):
-    raise ValueError(f"cache: expected a kvjax.KVCache, got {type(cache).__name__}")
+  require_cache(cache, "length")
   return cache.length

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from kvjax import _checks
 from kvjax import _state
 from kvjax._state import KVCache
 
@@ -47,17 +48,21 @@ def append(cache: KVCache, k, v, n_valid=None, *, layer=None) -> KVCache:
     cache: a `KVCache`; with `layer`, a stack of per-layer caches.
     k, v: `[n, H, D]`, any float dtype, `n >= 1` (static). Rounded to the
       spec's `hot_dtype` first; the store encodes the rounded values.
-    n_valid: optional int32 scalar (may be traced): only the first `n_valid`
-      tokens are appended, the rest are padding and ignored entirely.
+    n_valid: optional int scalar (may be traced): only the first `n_valid`
+      tokens are appended, the rest are padding and ignored entirely
+      (clipped to `[0, n]`).
     layer: optional int scalar (may be traced): append to this layer of a
       stack of caches (`kvjax.init(spec, batch=num_layers)`), in place, as in
-      a `lax.scan` / `fori_loop` over a model's layers.
+      a `lax.scan` / `fori_loop` over a model's layers. A traced index
+      outside the stack stores nothing and is recorded in every layer
+      (`stats()["bad_layer_tokens"]`, `kvjax.check` raises `IndexError`).
 
   Returns:
     The new cache. Tokens get positions `length, length + 1, ...`.
 
   Raises:
-    ValueError: at trace time, if `k` or `v` has the wrong shape or dtype.
+    ValueError: at trace time, if `k` or `v` has the wrong shape or dtype,
+      `n_valid` is not an int scalar, or a static `layer` is outside the stack.
   """
   _state.require_single(cache, "append", layer)
   stack, cache = cache, _state.layer_view(cache, layer)
@@ -70,9 +75,10 @@ def append(cache: KVCache, k, v, n_valid=None, *, layer=None) -> KVCache:
   if n_valid is None:
     n_valid = jnp.int32(n)
   else:
-    if jnp.ndim(n_valid):
-      raise ValueError(f"n_valid: expected a scalar, got shape {jnp.shape(n_valid)}")
-    n_valid = jnp.clip(jnp.asarray(n_valid, jnp.int32), 0, n)
+    n_valid = jnp.clip(_checks.int_scalar("n_valid", n_valid), 0, n)
+  in_range = _state.layer_in_range(stack, layer)
+  misrouted = jnp.where(in_range, 0, n_valid)
+  n_valid = jnp.where(in_range, n_valid, 0)
 
   if spec.overflow == "error":
     accepted = jnp.minimum(n_valid, spec.capacity - _state.retained(cache))
@@ -85,7 +91,6 @@ def append(cache: KVCache, k, v, n_valid=None, *, layer=None) -> KVCache:
     checkify.debug_check(
         refused == 0, "kvjax.append: overflow='error' and the cache is full: "
         "rejected {} tokens", refused)
-
   hot, store = _state.hot_format(spec), _state.store_format(spec)
   row = jnp.arange(n, dtype=jnp.int32)
   pos = cache.length + row
@@ -140,64 +145,118 @@ def append(cache: KVCache, k, v, n_valid=None, *, layer=None) -> KVCache:
   if store.split:
     new["store_order"] = (order if layer is None
                           else stack.store_order.at[layer].set(order))
-  return _state.with_counters(
+  out = _state.with_counters(
       dataclasses.replace(stack, **new), layer, length=new_length,
       evicted=evicted, tail_count=_tail_after(cache.tail_count, added, spec),
       rejected=cache.rejected + refused)
+  if layer is not None and isinstance(layer, jax.core.Tracer):
+    out = dataclasses.replace(out, bad_layer_tokens=out.bad_layer_tokens + misrouted)
+  return out
 
 
 @jax.jit
-def migrate(cache: KVCache) -> KVCache:
+def migrate(cache: KVCache, *, layer=None) -> KVCache:
   """Moves every tail token beyond the newest `tail` into the store now.
 
   Only a counter changes: the store already holds every token's codes.
+  With `layer`, only that layer of a stack.
   """
-  _state.require_single(cache, "migrate")
-  return dataclasses.replace(
-      cache, tail_count=jnp.minimum(cache.tail_count, cache.spec.tail))
+  _state.require_single(cache, "migrate", layer)
+  view = _state.layer_view(cache, layer)
+  return _state.with_counters(
+      cache, layer, tail_count=jnp.minimum(view.tail_count, cache.spec.tail))
 
 
 @jax.jit
-def evict(cache: KVCache, n) -> KVCache:
+def evict(cache: KVCache, n, *, layer=None) -> KVCache:
   """Drops the `n` oldest non-sink tokens.
 
   Args:
-    cache: a `KVCache`.
-    n: int or traced int32 scalar; clipped to the retained non-sink count.
+    cache: a `KVCache`; with `layer`, a stack of per-layer caches.
+    n: int scalar (may be traced); clipped to the retained non-sink count.
+    layer: optional int scalar (may be traced): evict from this layer only.
+
+  Raises:
+    ValueError: `n` is not an int scalar (a float is never truncated).
   """
-  _state.require_single(cache, "evict")
-  if jnp.ndim(n):
-    raise ValueError(f"n: expected a scalar, got shape {jnp.shape(n)}")
-  retained = _state.retained_nonsink(cache)
-  n = jnp.clip(jnp.asarray(n, jnp.int32), 0, retained)
-  return dataclasses.replace(
-      cache, evicted=cache.evicted + n,
-      tail_count=jnp.minimum(cache.tail_count, retained - n))
+  _state.require_single(cache, "evict", layer)
+  n = _checks.int_scalar("n", n)
+  view = _state.layer_view(cache, layer)
+  retained = _state.retained_nonsink(view)
+  n = jnp.clip(n, 0, retained)
+  return _state.with_counters(
+      cache, layer, evicted=view.evicted + n,
+      tail_count=jnp.minimum(view.tail_count, retained - n))
 
 
 @jax.jit
 def clear(cache: KVCache) -> KVCache:
-  """An empty cache with the same spec; every counter restarts at 0."""
+  """An empty cache with the same spec; every counter restarts at 0.
+
+  Nothing the cleared sequence wrote can influence a later result: its rows
+  stay in the buffers until overwritten but are never read (attention
+  selects, never multiplies by zero), and per-head state such as the split
+  formats' outlier order is chosen again by the next first non-sink token.
+  """
+  _state.require_cache(cache, "clear")
   zero = lambda: jnp.zeros_like(cache.length)  # distinct, so donatable
   return dataclasses.replace(cache, length=zero(), evicted=zero(),
-                             tail_count=zero(), rejected=zero())
+                             tail_count=zero(), rejected=zero(),
+                             bad_layer_tokens=zero())
+
+
+@jax.jit
+def acknowledge_overflow(cache: KVCache) -> KVCache:
+  """The cache with its record of rejected tokens reset to 0.
+
+  Call it after handling an overflow (`kvjax.check` raised, or
+  `stats()["overflow"]`): `check` is then quiet until the next refusal.
+  Nothing else changes. Works on one cache, a batch or a stack (every entry).
+  """
+  _state.require_cache(cache, "acknowledge_overflow")
+  return dataclasses.replace(cache, rejected=jnp.zeros_like(cache.rejected))
+
+
+def _which(counts: np.ndarray) -> str:
+  """Which caches of a batch/stack have a nonzero count, and the counts."""
+  bad = np.argwhere(counts > 0)
+  values = counts[counts > 0].tolist()
+  if counts.ndim == 1:
+    return (f"caches {bad[:, 0].tolist()} of the leading axis (sequences of a "
+            f"batch, or layers of a stack): {values} tokens")
+  if counts.ndim == 2:
+    pairs = [tuple(int(i) for i in p) for p in bad]
+    return f"caches (sequence, layer) {pairs}: {values} tokens"
+  return f"caches at {[tuple(int(i) for i in p) for p in bad]}: {values} tokens"
 
 
 def check(cache: KVCache) -> None:
-  """Raises `OverflowError` on the host if any append rejected tokens.
+  """Raises on the host if any append refused tokens.
 
-  Returns quietly for a healthy cache (or batch of caches).
+  Returns quietly for a healthy cache (or batch / stack of caches). A host
+  function: call it outside `jit`.
+
+  Raises:
+    IndexError: an append with a traced `layer` outside the stack stored
+      nothing (`stats()["bad_layer_tokens"]`).
+    OverflowError: `overflow="error"` rejected tokens since the last
+      `clear` or `acknowledge_overflow`, saying how many (and in which
+      caches of a batch or stack).
   """
+  _state.require_cache(cache, "check")
+  _checks.require_host(cache, "check")
+  misrouted = np.asarray(jax.device_get(cache.bad_layer_tokens))
+  if np.any(misrouted > 0):
+    detail = (_which(misrouted) if misrouted.ndim else f"{int(misrouted)} tokens")
+    raise IndexError(
+        "kvjax: append(..., layer=i) was called with a traced layer index "
+        f"outside the stack of {misrouted.shape[-1] if misrouted.ndim else 1} "
+        f"layers and stored nothing; refused {detail}.")
   rejected = np.asarray(jax.device_get(cache.rejected))
   if np.any(rejected > 0):
-    if rejected.ndim:
-      rows = np.flatnonzero(rejected > 0).tolist()
-      detail = (f"sequences {rows} rejected {rejected[rejected > 0].tolist()} "
-                "tokens")
-    else:
-      detail = f"rejected {int(rejected)} tokens"
+    detail = (f"rejected {_which(rejected)}" if rejected.ndim
+              else f"rejected {int(rejected)} tokens")
     raise OverflowError(
         f"kvjax cache overflow: overflow='error' and capacity="
         f"{cache.spec.capacity} was reached; {detail}. Evict tokens or use a "
-        "larger capacity.")
-
+        "larger capacity, then kvjax.acknowledge_overflow(cache).")

@@ -270,8 +270,11 @@ class TurboFormat:
   def outlier_order(x):
     """Channel order from one token `x: [..., D]`: by decreasing magnitude
     (ties: lower channel first), so the first D/2 are the outlier channels.
+    NaN counts as infinitely large (so NaN and +-Inf channels come first, in
+    channel order): the keys form a strict total order and the result is
+    always a permutation, whatever the input.
     Counting comparisons, O(D^2), is far cheaper than XLA's sort on CPU."""
-    a = jnp.abs(x)
+    a = jnp.where(jnp.isnan(x), jnp.inf, jnp.abs(x))
     i = jnp.arange(x.shape[-1])
     above = (a[..., None, :] > a[..., :, None]) | (
         (a[..., None, :] == a[..., :, None]) & (i[None, :] < i[:, None]))
@@ -309,6 +312,26 @@ class TurboFormat:
     nan = jnp.float32(jnp.nan)
     norms = jnp.stack([jnp.where(finite, n, nan) for n in norms], axis=-1)
     return TurboCodes(jnp.concatenate(parts, axis=-1), _to_norm_bits(norms))
+
+  def encoded_problem(self, enc):
+    """Why `enc` is not this format's encoding (None if it is)."""
+    if not isinstance(enc, TurboCodes):
+      return (f"expected kvjax.TurboCodes for {self.name!r}, got "
+              f"{type(enc).__name__}")
+    codes, norms = jnp.asarray(enc.codes), jnp.asarray(enc.norms)
+    if codes.dtype != jnp.uint8 or norms.dtype != jnp.uint16 or codes.ndim < 1:
+      return (f"expected uint8 codes [..., C] and uint16 norms [..., K], got "
+              f"{codes.dtype} {codes.shape} and {norms.dtype} {norms.shape}")
+    if norms.shape[-1:] != (self.norm_count,):
+      return (f"expected {self.norm_count} norms per vector for {self.name!r}, "
+              f"got norms of shape {norms.shape}")
+    d = self.code_dim(enc)
+    if self.head_dim_problem(d) or self.code_bytes(d) != codes.shape[-1]:
+      valid = [f"{self.code_bytes(m)} (D={m})" for m in (16, 32, 64, 128, 256, 512)
+               if not self.head_dim_problem(m)]
+      return (f"{codes.shape[-1]} code bytes per vector is no head_dim of "
+              f"{self.name!r}; expected one of {', '.join(valid)}")
+    return None
 
   def _rotated_parts(self, enc: TurboCodes, d):
     """Per instance: (centroid values [..., m] or None, QJL signs or None,
@@ -388,6 +411,16 @@ class TurboFormat:
         s = s + jnp.einsum("hmd,hbd->hmb", q_s, z, precision=_HIGHEST) * kappa[:, None, :]
       total = total + s * norm[:, None, :]
     return total
+
+  def token_finite(self, block):
+    """`[H, B]`: whether each token decodes to finite values (a non-finite
+    vector has NaN norms)."""
+    return jnp.all(jnp.isfinite(_from_norm_bits(block.norms)), axis=-1)
+
+  def without_tokens(self, block, ok):
+    """`block` with the tokens where `ok` is False made zero (norms 0)."""
+    return block._replace(norms=jnp.where(ok[..., None], block.norms,
+                                          jnp.zeros_like(block.norms)))
 
   def weighted_sum(self, p, block):
     """`p: [H, M, B]` -> the rotated-domain accumulator `[H, M, A]`."""

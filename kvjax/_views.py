@@ -6,20 +6,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import _checks
 from kvjax import _state
 from kvjax._state import KVCache
 
 
 @jax.jit
-def materialize(cache: KVCache):
+def materialize(cache: KVCache, *, layer=None):
   """The retained tokens, dequantized, sorted by position, valid rows first.
+
+  Args:
+    cache: a `KVCache`; with `layer`, a stack of per-layer caches.
+    layer: optional int scalar (may be traced): that layer of the stack. A
+      traced index outside the stack gives NaN `k` and `v` (and no valid row).
 
   Returns:
     `(k, v, pos, valid)`: `k, v: [capacity, H, D]` float32, `pos: int32
     [capacity]`, `valid: bool [capacity]`; invalid rows have `k = v = 0` and
     `pos = -1`. (ruvllm: `get_all_kv`.)
   """
-  _state.require_single(cache, "materialize")
+  _state.require_single(cache, "materialize", layer)
+  if layer is not None:
+    in_range = _state.layer_in_range(cache, layer)
+    one = jax.tree.map(
+        lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), cache)
+    k, v, pos, valid = materialize(one)
+    nan = jnp.where(in_range, 0.0, jnp.nan)
+    return k + nan, v + nan, jnp.where(in_range, pos, -1), valid & in_range
   spec = cache.spec
   hot, store = _state.hot_format(spec), _state.store_format(spec)
   row = jnp.arange(spec.capacity, dtype=jnp.int32)
@@ -64,15 +77,18 @@ def stats(cache: KVCache) -> dict:
   Returns:
     A dict of plain Python numbers (for a batched or layer-stacked cache,
     nested lists shaped like its leading axes): `length`, `sink_tokens`, `tail_tokens`, `store_tokens`,
-    `retained_tokens`, `evicted_tokens`, `overflow`, `rejected_tokens`,
+    `retained_tokens`, `evicted_tokens`, `overflow`, `rejected_tokens`
+    (refused by `overflow="error"` since the last `clear` or
+    `acknowledge_overflow`), `bad_layer_tokens` (refused by an append with a
+    traced `layer` outside the stack),
     `sink_bytes`, `tail_bytes`, `store_bytes` (bytes the retained tokens of
     each tier occupy, scales and zeros included), `allocated_bytes` (sum of
     `nbytes` of every leaf), `store_bits_per_value` (from the store arrays'
     bytes per token slot) and `compression_ratio` (float32 bytes of the
     retained tokens / bytes they occupy; nan for an empty cache).
   """
-  if not isinstance(cache, KVCache):
-    raise ValueError(f"cache: expected a kvjax.KVCache, got {type(cache).__name__}")
+  _state.require_cache(cache, "stats")
+  _checks.require_host(cache, "stats")
   spec = cache.spec
   batch_shape = cache.length.shape
   batch = int(np.prod(batch_shape)) if batch_shape else 1
@@ -88,7 +104,7 @@ def stats(cache: KVCache) -> dict:
   counts = jax.device_get(dict(
       length=cache.length, sink_tokens=_state.sink_count(cache), tail_tokens=cache.tail_count,
       store_tokens=_state.store_count(cache), evicted_tokens=cache.evicted,
-      rejected_tokens=cache.rejected))
+      rejected_tokens=cache.rejected, bad_layer_tokens=cache.bad_layer_tokens))
   counts = {k: np.asarray(v).reshape(-1) for k, v in counts.items()}
   allocated = _tree_bytes(cache) // batch
 

@@ -21,7 +21,7 @@ import kvjax
     (dict(migrate_batch=0), r"CacheSpec.migrate_batch: must be >= 1"),
     (dict(tail=-1), r"CacheSpec.tail: must be >= 0"),
     (dict(sinks=-2), r"CacheSpec.sinks: must be >= 0"),
-    (dict(capacity=4096.0), r"CacheSpec.capacity: must be a Python int"),
+    (dict(capacity=4096.0), r"CacheSpec.capacity: must be an int"),
 ])
 def test_invalid_spec_names_field_and_rule(changes, match):
   with pytest.raises(ValueError, match=match):
