@@ -159,9 +159,10 @@ def _options(scale, window, softcap, block_size):
     window = _checks.positive_int_scalar("window", window)
   if softcap is not None:
     concrete = not isinstance(softcap, jax.core.Tracer)
+    value = softcap
     softcap = _checks.float_scalar("softcap", softcap)
-    if concrete and not float(softcap) > 0:
-      raise ValueError(f"softcap: expected a number > 0, got {float(softcap)!r}")
+    if concrete and not float(value) > 0:
+      raise ValueError(f"softcap: expected a number > 0, got {float(value)!r}")
   return scale, window, softcap
 
 

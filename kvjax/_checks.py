@@ -34,7 +34,7 @@ def positive_int_scalar(name: str, value):
   """`int_scalar`, and a concrete value must be >= 1 (a traced one cannot
   be checked: the caller documents what it then means)."""
   out = int_scalar(name, value)
-  if not isinstance(value, jax.core.Tracer) and int(value) < 1:
+  if not isinstance(value, jax.core.Tracer) and int(np.asarray(value)) < 1:
     raise ValueError(f"{name}: expected an int >= 1, got {describe(value)}")
   return out
 

@@ -197,8 +197,8 @@ def require_single(cache: KVCache, fn_name: str, layer=None) -> None:
 
 
 def layer_in_range(cache: KVCache, layer):
-  """True, or for a traced `layer` whether it indexes the stack."""
-  if layer is None or not isinstance(layer, jax.core.Tracer):
+  """Whether `layer` (None: no stack) indexes the stack (a bool array)."""
+  if layer is None:
     return jnp.bool_(True)
   return (layer >= 0) & (layer < cache.length.shape[0])
 

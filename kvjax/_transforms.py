@@ -40,7 +40,6 @@ def _tail_after(tail_count, added, spec):
                                                     spec.migrate_batch))
 
 
-@jax.jit
 def append(cache: KVCache, k, v, n_valid=None, *, layer=None) -> KVCache:
   """Appends tokens to the cache.
 
@@ -64,13 +63,22 @@ def append(cache: KVCache, k, v, n_valid=None, *, layer=None) -> KVCache:
     ValueError: at trace time, if `k` or `v` has the wrong shape or dtype,
       `n_valid` is not an int scalar, or a static `layer` is outside the stack.
   """
+  # Checked here, before `jit` makes every argument a tracer, so concrete
+  # values are named in the message.
   _state.require_single(cache, "append", layer)
-  stack, cache = cache, _state.layer_view(cache, layer)
-  spec = cache.spec
-  _check_tokens("k", k, spec)
-  _check_tokens("v", v, spec)
+  _check_tokens("k", k, cache.spec)
+  _check_tokens("v", v, cache.spec)
   if k.shape != v.shape:
     raise ValueError(f"v: expected the same shape as k {k.shape}, got {v.shape}")
+  if n_valid is not None:
+    _checks.int_scalar("n_valid", n_valid)
+  return _append(cache, k, v, n_valid, layer)
+
+
+@jax.jit
+def _append(cache: KVCache, k, v, n_valid, layer) -> KVCache:
+  stack, cache = cache, _state.layer_view(cache, layer)
+  spec = cache.spec
   n = k.shape[0]
   if n_valid is None:
     n_valid = jnp.int32(n)
@@ -149,12 +157,11 @@ def append(cache: KVCache, k, v, n_valid=None, *, layer=None) -> KVCache:
       dataclasses.replace(stack, **new), layer, length=new_length,
       evicted=evicted, tail_count=_tail_after(cache.tail_count, added, spec),
       rejected=cache.rejected + refused)
-  if layer is not None and isinstance(layer, jax.core.Tracer):
+  if layer is not None:
     out = dataclasses.replace(out, bad_layer_tokens=out.bad_layer_tokens + misrouted)
   return out
 
 
-@jax.jit
 def migrate(cache: KVCache, *, layer=None) -> KVCache:
   """Moves every tail token beyond the newest `tail` into the store now.
 
@@ -162,12 +169,16 @@ def migrate(cache: KVCache, *, layer=None) -> KVCache:
   With `layer`, only that layer of a stack.
   """
   _state.require_single(cache, "migrate", layer)
+  return _migrate(cache, layer)
+
+
+@jax.jit
+def _migrate(cache: KVCache, layer) -> KVCache:
   view = _state.layer_view(cache, layer)
   return _state.with_counters(
       cache, layer, tail_count=jnp.minimum(view.tail_count, cache.spec.tail))
 
 
-@jax.jit
 def evict(cache: KVCache, n, *, layer=None) -> KVCache:
   """Drops the `n` oldest non-sink tokens.
 
@@ -180,6 +191,12 @@ def evict(cache: KVCache, n, *, layer=None) -> KVCache:
     ValueError: `n` is not an int scalar (a float is never truncated).
   """
   _state.require_single(cache, "evict", layer)
+  _checks.int_scalar("n", n)
+  return _evict(cache, n, layer)
+
+
+@jax.jit
+def _evict(cache: KVCache, n, layer) -> KVCache:
   n = _checks.int_scalar("n", n)
   view = _state.layer_view(cache, layer)
   retained = _state.retained_nonsink(view)
@@ -189,7 +206,6 @@ def evict(cache: KVCache, n, *, layer=None) -> KVCache:
       tail_count=jnp.minimum(view.tail_count, retained - n))
 
 
-@jax.jit
 def clear(cache: KVCache) -> KVCache:
   """An empty cache with the same spec; every counter restarts at 0.
 
@@ -199,13 +215,17 @@ def clear(cache: KVCache) -> KVCache:
   formats' outlier order is chosen again by the next first non-sink token.
   """
   _state.require_cache(cache, "clear")
+  return _clear(cache)
+
+
+@jax.jit
+def _clear(cache: KVCache) -> KVCache:
   zero = lambda: jnp.zeros_like(cache.length)  # distinct, so donatable
   return dataclasses.replace(cache, length=zero(), evicted=zero(),
                              tail_count=zero(), rejected=zero(),
                              bad_layer_tokens=zero())
 
 
-@jax.jit
 def acknowledge_overflow(cache: KVCache) -> KVCache:
   """The cache with its record of rejected tokens reset to 0.
 
@@ -214,6 +234,11 @@ def acknowledge_overflow(cache: KVCache) -> KVCache:
   Nothing else changes. Works on one cache, a batch or a stack (every entry).
   """
   _state.require_cache(cache, "acknowledge_overflow")
+  return _acknowledge_overflow(cache)
+
+
+@jax.jit
+def _acknowledge_overflow(cache: KVCache) -> KVCache:
   return dataclasses.replace(cache, rejected=jnp.zeros_like(cache.rejected))
 
 
@@ -247,11 +272,16 @@ def check(cache: KVCache) -> None:
   _checks.require_host(cache, "check")
   misrouted = np.asarray(jax.device_get(cache.bad_layer_tokens))
   if np.any(misrouted > 0):
-    detail = (_which(misrouted) if misrouted.ndim else f"{int(misrouted)} tokens")
+    # Recorded in every layer of a stack (layers are the last axis).
+    layers = misrouted.shape[-1] if misrouted.ndim else 1
+    per_stack = misrouted.max(axis=-1) if misrouted.ndim else misrouted
+    detail = (f"{int(per_stack)} tokens" if per_stack.ndim == 0
+              else f"in sequences {np.flatnonzero(per_stack).tolist()}: "
+              f"{per_stack[per_stack > 0].tolist()} tokens")
     raise IndexError(
         "kvjax: append(..., layer=i) was called with a traced layer index "
-        f"outside the stack of {misrouted.shape[-1] if misrouted.ndim else 1} "
-        f"layers and stored nothing; refused {detail}.")
+        f"outside the stack of {layers} layers and stored nothing; refused "
+        f"{detail}.")
   rejected = np.asarray(jax.device_get(cache.rejected))
   if np.any(rejected > 0):
     detail = (f"rejected {_which(rejected)}" if rejected.ndim

@@ -11,7 +11,6 @@ from kvjax import _state
 from kvjax._state import KVCache
 
 
-@jax.jit
 def materialize(cache: KVCache, *, layer=None):
   """The retained tokens, dequantized, sorted by position, valid rows first.
 
@@ -26,11 +25,16 @@ def materialize(cache: KVCache, *, layer=None):
     `pos = -1`. (ruvllm: `get_all_kv`.)
   """
   _state.require_single(cache, "materialize", layer)
+  return _materialize(cache, layer)
+
+
+@jax.jit
+def _materialize(cache: KVCache, layer):
   if layer is not None:
     in_range = _state.layer_in_range(cache, layer)
     one = jax.tree.map(
         lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), cache)
-    k, v, pos, valid = materialize(one)
+    k, v, pos, valid = _materialize(one, None)
     nan = jnp.where(in_range, 0.0, jnp.nan)
     return k + nan, v + nan, jnp.where(in_range, pos, -1), valid & in_range
   spec = cache.spec

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pathlib
 import sys
 import time
 
@@ -30,7 +31,8 @@ DEFAULT_FORMATS = ("f32", "q8", "q4", "turbo3.5")
 REFERENCE_FORMAT = "f32"
 
 
-DEFAULT_TEXT = "/usr/share/common-licenses/Apache-2.0"
+# The project's own license, shipped with the package.
+DEFAULT_TEXT = str(pathlib.Path(__file__).resolve().parent / "data" / "Apache-2.0.txt")
 QUESTIONS = (
     "What does this license say about trademarks?",
     "Summarize the text above in one sentence.",
@@ -249,6 +251,11 @@ def parse_args(argv):
                  choices=["float32", "bfloat16", "float16"])
   p.add_argument("--json", default="", help="also write the rows to this file")
   args = p.parse_args(argv)
+  try:
+    with open(args.text, encoding="utf-8", errors="replace") as f:
+      f.read(1)
+  except OSError as e:
+    p.error(f"--text: cannot read {args.text!r}: {e.strerror or e}")
   args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
   unknown = [f for f in args.formats if f not in _formats.FORMATS]
   if unknown or not args.formats:

@@ -1,0 +1,124 @@
+// Scalar helpers that read one token of a tier: exact conversions of the
+// 16-bit dtypes, the per-token value tables of kLut formats, and a token
+// decoded to floats in natural lane order. The scalar reference uses them for
+// every token; the SIMD variants for the per-token tables and lane orders.
+#ifndef KVJAX_FFI_ATTENTION_FORMAT_H_
+#define KVJAX_FFI_ATTENTION_FORMAT_H_
+
+#include <cstdint>
+#include <cstring>
+
+#include "attention_kernels.h"
+
+namespace kvjax {
+
+inline float BitsToFloat(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint32_t FloatToBits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return bits;
+}
+
+inline float BF16ToFloat(uint16_t bits) { return BitsToFloat(uint32_t{bits} << 16); }
+
+// Exact: every float16 (denormals, +-Inf, NaN payloads) is a float32.
+inline float F16ToFloat(uint16_t h) {
+  const uint32_t sign = uint32_t{h & 0x8000u} << 16;
+  const uint32_t exponent = (h >> 10) & 0x1F;
+  uint32_t mantissa = h & 0x3FF;
+  if (exponent == 0x1F) return BitsToFloat(sign | 0x7F800000u | (mantissa << 13));
+  if (exponent != 0) {
+    return BitsToFloat(sign | ((exponent + 112) << 23) | (mantissa << 13));
+  }
+  if (mantissa == 0) return BitsToFloat(sign);
+  // A denormal: 2^-24 * mantissa, exact in float32.
+  const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
+  return sign ? -magnitude : magnitude;
+}
+
+// The float with only its 12 most significant mantissa bits (kvjax/_turbo.py
+// keep_significant_bits(x, 12)).
+inline float Trunc12(float x) { return BitsToFloat(FloatToBits(x) & 0xFFFFF000u); }
+
+// Code of `channel` (natural order) of a segment in a token's code row.
+inline uint32_t CodeAt(const uint8_t* row, const Segment& seg, int channel) {
+  const uint8_t* codes = row + seg.code_offset;
+  const uint32_t mask = (1u << seg.bits) - 1;
+  if (8 % seg.bits == 0) {
+    const int bit = channel * seg.bits;
+    return (codes[bit / 8] >> (bit % 8)) & mask;
+  }
+  // 3 bits: 8 codes in 3 little-endian bytes, code k at bits 3k.
+  const uint8_t* group = codes + 3 * (channel / 8);
+  const uint32_t word = group[0] | (uint32_t{group[1]} << 8) | (uint32_t{group[2]} << 16);
+  return (word >> (3 * (channel % 8))) & mask;
+}
+
+// The factor of a segment's values for the token in `slot` (kLut with norms).
+inline float SegmentFactor(const TierFormat& f, const TierData& d, int64_t slot,
+                           const Segment& seg) {
+  const uint16_t* norms = d.norms + slot * f.norm_count;
+  float factor = BF16ToFloat(norms[seg.norm_index]);
+  if (seg.kappa_index >= 0) {
+    factor *= Trunc12(BF16ToFloat(norms[seg.kappa_index]) * seg.kappa_scale);
+  }
+  return factor;
+}
+
+// The values of codes 0 .. 15 of a segment for the token in `slot`; a table
+// of 2^bits < 16 entries repeats, so that index bits above `bits` select the
+// same value.
+inline void SegmentTable(const TierFormat& f, const TierData& d, int64_t slot,
+                         const Segment& seg, float out[16]) {
+  const int entries = 1 << seg.bits;
+  if (seg.norm_index < 0) {  // affine q4: i * scale + zero
+    const float scale = d.scale[slot], zero = d.zero[slot];
+    for (int i = 0; i < 16; ++i) out[i] = static_cast<float>(i % entries) * scale + zero;
+    return;
+  }
+  const float factor = SegmentFactor(f, d, slot, seg);
+  for (int i = 0; i < 16; ++i) out[i] = f.tables[seg.table_offset + i % entries] * factor;
+}
+
+// One token of a tier decoded to `f.lanes` floats in natural lane order.
+inline void DecodeToken(const TierFormat& f, const TierData& d, int64_t slot, float* out) {
+  const uint8_t* row = d.data + slot * f.row_bytes;
+  switch (f.kind) {
+    case ValueKind::kF32:
+      std::memcpy(out, row, sizeof(float) * f.lanes);
+      return;
+    case ValueKind::kBF16:
+    case ValueKind::kF16:
+      for (int i = 0; i < f.lanes; ++i) {
+        uint16_t bits;
+        std::memcpy(&bits, row + 2 * i, sizeof bits);
+        out[i] = f.kind == ValueKind::kBF16 ? BF16ToFloat(bits) : F16ToFloat(bits);
+      }
+      return;
+    case ValueKind::kQ8: {
+      const float scale = d.scale[slot], zero = d.zero[slot];
+      for (int i = 0; i < f.lanes; ++i) out[i] = static_cast<float>(row[i]) * scale + zero;
+      return;
+    }
+    case ValueKind::kLut:
+      for (int i = 0; i < f.lanes; ++i) out[i] = 0.0f;  // lanes no segment covers
+      for (int s = 0; s < f.num_segments; ++s) {
+        const Segment& seg = f.segments[s];
+        float table[16];
+        SegmentTable(f, d, slot, seg, table);
+        for (int c = 0; c < seg.channels; ++c) {
+          out[seg.lane_offset + c] = table[CodeAt(row, seg, c)];
+        }
+      }
+      return;
+  }
+}
+
+}  // namespace kvjax
+
+#endif  // KVJAX_FFI_ATTENTION_FORMAT_H_

@@ -1,0 +1,120 @@
+// Decode attention over one cache tier: the raw-pointer interface that the
+// scalar reference and every SIMD variant implement, with no XLA types.
+//
+// A *run* is a span of tokens of one tier (sinks, store or tail) of one
+// (sequence, layer, KV head), in contiguous ring slots, attended by every
+// query row of that head. `AttendRun` folds it into a `Partial`: the online
+// softmax state of each row (running max, denominator, accumulated values in
+// the format's domain). The driver (attention_driver.cc) splits a call into
+// runs, runs them on XLA's thread pool and merges the partials with a
+// log-sum-exp (flash-decoding).
+//
+// Semantics (docs/api.md, non-finite values): a token outside a row's
+// visible positions is never read for that row (select, never multiply by
+// zero); a visible NaN or +Inf logit makes the row NaN; a row that sees
+// tokens whose logits are all -Inf has denominator 0 (0/0 = NaN at the end).
+#ifndef KVJAX_FFI_ATTENTION_KERNELS_H_
+#define KVJAX_FFI_ATTENTION_KERNELS_H_
+
+#include <cstddef>
+#include <cstdint>
+
+namespace kvjax {
+
+// How a tier stores one token of one head (the kvjax/_formats.py formats).
+enum class ValueKind : int32_t {
+  kF32 = 0,   // float32 [D]
+  kBF16 = 1,  // bfloat16 bits [D]
+  kF16 = 2,   // float16 bits [D]
+  kQ8 = 3,    // uint8 codes [D], float32 scale and zero: c * scale + zero
+  kLut = 4,   // packed b-bit codes looked up in per-token tables (Segment)
+};
+
+// One run of lanes of a kLut format: `channels` codes of `bits` bits packed
+// at byte `code_offset` of a token's code row (kvjax/_turbo.py `pack`: 8
+// codes in `bits` bytes, code k at bits k*bits of that little-endian group;
+// q4's nibbles are the same layout at 4 bits). A token's value of code i is
+// `table[table_offset + i] * factor`, where the factor is
+//   norm_index < 0: affine (q4): the table is 0..15 and the value is
+//                   i * scale + zero;
+//   otherwise:      bf16 norm `norm_index`, times, if kappa_index >= 0,
+//                   Trunc12(norm `kappa_index` * kappa_scale) (the QJL
+//                   coefficient of kvjax/_turbo.py, kept at 12 bits).
+struct Segment {
+  int32_t bits;          // 1, 2, 3 or 4
+  int32_t channels;      // lanes of this segment (a multiple of 8)
+  int32_t code_offset;   // byte offset in a token's code row
+  int32_t lane_offset;   // offset in the query and accumulator lanes
+  int32_t table_offset;  // offset of its 2^bits entries in `tables`
+  int32_t norm_index;
+  int32_t kappa_index;
+  float kappa_scale;
+};
+
+constexpr int kMaxSegments = 4;
+
+// A tier's format. `lanes` is the accumulator width A (D, or 2D for the
+// TurboQuant prod formats' QJL lanes).
+struct TierFormat {
+  ValueKind kind = ValueKind::kF32;
+  int32_t lanes = 0;
+  int32_t row_bytes = 0;   // bytes of one token's data or codes
+  int32_t norm_count = 0;  // kLut with norms: bf16 norms per token
+  int32_t num_segments = 0;
+  Segment segments[kMaxSegments];
+  const float* tables = nullptr;  // kLut codebooks
+};
+
+// One tier of one (sequence, layer, head), for K or for V: slot s holds its
+// token's data at `data + s * row_bytes`; q8 and q4 have a scale and a zero
+// per slot, TurboQuant `norm_count` bf16 norms.
+struct TierData {
+  const uint8_t* data = nullptr;
+  const float* scale = nullptr;
+  const float* zero = nullptr;
+  const uint16_t* norms = nullptr;
+};
+
+struct RunArgs {
+  const TierFormat* format;
+  TierData k, v;
+  int64_t first_slot;  // the run is slots [first_slot, first_slot + count)
+  int64_t count;
+  int64_t first_pos;   // position of `first_slot`; positions rise by one
+  int32_t rows;
+  const float* q;       // [rows][format->lanes], scaled, the format's domain
+  const int64_t* lo;    // [rows]: row r sees positions [lo[r], hi[r]]
+  const int64_t* hi;
+  bool has_softcap;
+  float softcap;
+};
+
+// The online softmax state of `rows` rows, updated in place by AttendRun.
+struct Partial {
+  float* max;      // [rows], -inf before any finite logit
+  float* denom;    // [rows]
+  uint8_t* seen;   // [rows]: the row saw at least one token
+  uint8_t* nan;    // [rows]: the row saw a NaN or +Inf logit
+  float* acc;      // [rows][lanes], natural lane order of the format domain
+};
+
+using AttendRunFn = void (*)(const RunArgs& args, const Partial& out);
+
+// Visible tokens `[begin, end)` of a run (indices into the run) for a row
+// that sees positions [lo, hi]: empty when they do not meet.
+inline void VisibleSpan(const RunArgs& a, int r, int64_t* begin, int64_t* end) {
+  int64_t b = a.lo[r] - a.first_pos, e = a.hi[r] - a.first_pos + 1;
+  b = b < 0 ? 0 : b;
+  e = e > a.count ? a.count : e;
+  *begin = b;
+  *end = e > b ? e : b;
+}
+
+namespace scalar {
+// The readable reference: token by token, natural lane order.
+void AttendRun(const RunArgs& args, const Partial& out);
+}  // namespace scalar
+
+}  // namespace kvjax
+
+#endif  // KVJAX_FFI_ATTENTION_KERNELS_H_
