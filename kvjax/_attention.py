@@ -18,8 +18,10 @@ import jax.numpy as jnp
 
 import numpy as np
 
+from kvjax import _backend
 from kvjax import _checks
 from kvjax import _state
+from kvjax import ffi
 from kvjax._state import KVCache
 
 DEFAULT_BLOCK_SIZE = 1024
@@ -233,14 +235,79 @@ def _attend(cache, q, q_pos, scale, window, softcap, layer, *, block_size,
       q=qh * jnp.asarray(scale, jnp.float32),
       pos=jnp.tile(jnp.asarray(q_pos, jnp.int32), group),
       window=window, softcap=softcap)
-  rows = group * n_q
+  order = _state.small_leaf(stack.store_order, layer) if _state.store_format(spec).split else None
+  args = (stack, cache, layer, query, order, block_size)
+  mode = _resolve_implementation(implementation, n_q)
+  if mode == "xla":
+    out = _attend_xla(*args)
+  elif mode == "ffi":
+    out = _attend_kernel(*args)
+  else:  # the kernel in computations lowered for CPU, the jnp path elsewhere
+    out = jax.lax.platform_dependent(cpu=lambda: _attend_kernel(*args),
+                                     default=lambda: _attend_xla(*args))
+  out = jnp.where(~_state.layer_in_range(stack, layer), jnp.nan, out)
+  out = jnp.transpose(out.reshape(h, group, n_q, d), (2, 0, 1, 3))
+  return out.reshape(n_q, hq, d).astype(q.dtype)
+
+
+# The kernel attends up to this many queries per call (each row of the
+# softmax is a query of one query head: R = n_q * Hq / H); more run the jnp
+# path, whose blocked einsums are the better fit for prefill chunks.
+MAX_KERNEL_QUERIES = 16
+
+
+def _resolve_implementation(implementation, n_q: int) -> str:
+  """"xla", "ffi", or "auto" (the kernel on CPU, the jnp path elsewhere)."""
+  if implementation == "xla":
+    return "xla"
+  backend = _backend.default_backend()
+  if implementation == "ffi":
+    if n_q > MAX_KERNEL_QUERIES:
+      raise ValueError(f"implementation='ffi': the kernel attends at most "
+                       f"{MAX_KERNEL_QUERIES} queries per call, got n_q={n_q}; use "
+                       "implementation=None (the jnp path runs then) or 'xla'")
+    _backend.resolve("ffi")
+    return "ffi"
+  if backend == "jax" or n_q > MAX_KERNEL_QUERIES:
+    return "xla"
+  if backend == "ffi":
+    return _backend.resolve("ffi")  # raises if the kernels cannot run
+  # "auto" when the kernels loaded, "jax" (here: "xla") when they are absent.
+  return "auto" if _backend.resolve("auto") == "auto" else "xla"
+
+
+def _attend_kernel(stack, cache, layer, query, order, block_size):
+  """The C++ kernel: `[H, M, D]` attention output of the scaled query rows."""
+  del cache, block_size
+  spec = stack.spec
+  d = spec.head_dim
+  hot, store = _state.hot_format(spec), _state.store_format(spec)
+  # The kernel reads every leaf with a layer axis: a single cache gets one
+  # of size 1 (a reshape, no copy).
+  with_layers = (lambda a: a) if layer is not None else (lambda a: a[None])
+  counters = tuple(with_layers(c) for c in (stack.length, stack.evicted, stack.tail_count))
+  hot_leaves = tuple(with_layers(x.data) for x in (stack.sink_k, stack.sink_v,
+                                                   stack.tail_k, stack.tail_v))
+  store_leaves = [tuple(None if x is None else with_layers(x) for x in store.kernel_leaves(t))
+                  for t in (stack.store_k, stack.store_v)]
+  q_store = store.flat_query(store.prepare_query(query.q, None if order is None else order[0]))
+  out_hot, out_store = ffi.attend(
+      query.q, q_store, query.pos, counters, 0 if layer is None else layer,
+      query.window, query.softcap, hot_leaves, *store_leaves,
+      hot.kernel_layout(d), store.kernel_layout(d))
+  return out_hot + store.finish(out_store, None if order is None else order[1])
+
+
+def _attend_xla(stack, cache, layer, query, order, block_size):
+  """The jnp path: `[H, M, D]` attention output of the scaled query rows."""
+  spec = cache.spec
+  h, rows, d = query.q.shape
   hot, store = _state.hot_format(spec), _state.store_format(spec)
   state = _Softmax(jnp.full((h, rows), -jnp.inf, jnp.float32),
                    jnp.zeros((h, rows), jnp.float32),
                    jnp.zeros((h, rows, d), jnp.float32),
                    jnp.zeros((h, rows, store.accumulator_dim(d)), jnp.float32),
                    jnp.zeros((h, rows), bool), jnp.zeros((h, rows), bool))
-  order = _state.small_leaf(stack.store_order, layer) if store.split else None
   end = _state.nonsink_count(cache)
   if spec.sinks:
     slot = jnp.arange(spec.sinks, dtype=jnp.int32)
@@ -261,10 +328,7 @@ def _attend(cache, q, q_pos, scale, window, softcap, layer, *, block_size,
   # A row that saw keys whose logits are all -inf has denom 0: 0/0 is NaN, as
   # in the reference.
   out = jnp.where(state.seen[..., None], acc / state.denom[..., None], 0.0)
-  out = jnp.where(state.nan[..., None] | ~_state.layer_in_range(stack, layer),
-                  jnp.nan, out)
-  out = jnp.transpose(out.reshape(h, group, n_q, d), (2, 0, 1, 3))
-  return out.reshape(n_q, hq, d).astype(q.dtype)
+  return jnp.where(state.nan[..., None], jnp.nan, out)
 
 
 def _attend_store(stack: KVCache, cache: KVCache, layer, query: _Query,

@@ -17,10 +17,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kvjax import _affine
 from kvjax import _backend
 from kvjax import _turbo
+from kvjax import ffi
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -49,6 +51,10 @@ class _PlainDomain:
 
   def accumulator_dim(self, head_dim):
     return head_dim
+
+  @staticmethod
+  def flat_query(prepared):
+    return prepared
 
 
 class RawFormat(_PlainDomain):
@@ -105,6 +111,17 @@ class RawFormat(_PlainDomain):
   # Raw values can be non-finite channel by channel (an Inf in one channel).
   token_finite = None
 
+  def kernel_layout(self, head_dim) -> ffi.StoreLayout:
+    """How the attention kernel reads this format (ValueKind 0, 1 or 2)."""
+    del head_dim
+    kind = {4: 0, 2: 1 if self.dtype == jnp.bfloat16 else 2}[self.dtype.itemsize]
+    return ffi.StoreLayout(kind, np.zeros((0, 7), np.int32), np.zeros(0, np.float32),
+                           np.zeros(0, np.float32))
+
+  @staticmethod
+  def kernel_leaves(enc: RawValues):
+    return (enc.data, None, None)
+
 
 class AffineFormat(_PlainDomain):
   """Per-token asymmetric affine codes (q8, q4); see `_affine`."""
@@ -154,6 +171,20 @@ class AffineFormat(_PlainDomain):
     if self.params.codes_per_byte == 1:
       return (q,)
     return (q[..., 0::2], q[..., 1::2])
+
+  def kernel_layout(self, head_dim) -> ffi.StoreLayout:
+    """q8: ValueKind 3 (codes, scale, zero). q4: packed 4-bit codes read
+    through a per-token table 0..15 * scale + zero (ValueKind 4)."""
+    if self.params.codes_per_byte == 1:
+      return ffi.StoreLayout(3, np.zeros((0, 7), np.int32), np.zeros(0, np.float32),
+                             np.zeros(0, np.float32))
+    segment = np.array([[4, head_dim, 0, 0, 0, -1, -1]], np.int32)
+    return ffi.StoreLayout(4, segment, np.zeros(1, np.float32),
+                           np.arange(16, dtype=np.float32))
+
+  @staticmethod
+  def kernel_leaves(enc):
+    return (enc.codes, enc.scale, enc.zero)
 
   def token_finite(self, block):
     """`[H, B]`: whether each token decodes to finite values (a non-finite

@@ -29,6 +29,7 @@ import ml_dtypes
 import numpy as np
 
 from kvjax import _turbo_codebooks
+from kvjax import ffi
 
 SEED = 0x6B766A78  # "kvjx": signs and QJL matrices derive from it
 NORM_DTYPE = jnp.bfloat16
@@ -411,6 +412,43 @@ class TurboFormat:
         s = s + jnp.einsum("hmd,hbd->hmb", q_s, z, precision=_HIGHEST) * kappa[:, None, :]
       total = total + s * norm[:, None, :]
     return total
+
+  def kernel_layout(self, head_dim):
+    """How the attention kernel reads this format: one segment of packed
+    codes per instance (looked up in its codebook times the instance's
+    norm) and, for prod formats, one of QJL sign bits (the table [-1, +1]
+    times the norm and the 12-bit QJL coefficient), in the lane layout of
+    `weighted_sum` / `finish`."""
+    segments, kappas, tables = [], [], []
+    code_offset = lane_offset = 0
+    for i, inst in enumerate(self.instances(head_dim)):
+      if inst.bits:
+        segments.append([inst.bits, inst.size, code_offset, lane_offset,
+                         sum(map(len, tables)), i, -1])
+        kappas.append(0.0)
+        tables.append(codebook(inst.size, inst.bits)[0])
+        code_offset += inst.size * inst.bits // 8
+      lane_offset += inst.size
+      if self.prod:
+        segments.append([1, inst.size, code_offset, lane_offset,
+                         sum(map(len, tables)), i, i + 1])
+        kappas.append(_qjl_scale(inst.size))
+        tables.append(np.array([-1.0, 1.0], np.float32))
+        code_offset += inst.size // 8
+        lane_offset += inst.size
+    return ffi.StoreLayout(4, np.array(segments, np.int32),
+                           np.array(kappas, np.float32),
+                           np.concatenate(tables).astype(np.float32), self.norm_count)
+
+  @staticmethod
+  def kernel_leaves(enc: TurboCodes):
+    return (enc.codes, enc.norms, None)
+
+  @staticmethod
+  def flat_query(prepared):
+    """`prepare_query`'s parts as one `[H, M, A]` array, in the lane layout
+    of `weighted_sum` (per instance: rotated query, then S times it)."""
+    return jnp.concatenate([x for pair in prepared for x in pair if x is not None], -1)
 
   def token_finite(self, block):
     """`[H, B]`: whether each token decodes to finite values (a non-finite

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -95,3 +96,61 @@ def affine_decode(codes: jax.Array, scale: jax.Array, zero: jax.Array,
                           vmap_method="expand_dims")
   return call(codes.astype(jnp.uint8), scale.astype(jnp.float32),
               zero.astype(jnp.float32))
+
+
+class StoreLayout(NamedTuple):
+  """How the attention kernel reads a tier's format (attention_kernels.h).
+
+  kind: ValueKind (0 f32, 1 bf16 bits, 2 f16 bits, 3 q8, 4 packed codes
+    looked up in per-token tables); segments: int32 `[n, 7]` rows of (bits,
+    channels, code_offset, lane_offset, table_offset, norm_index,
+    kappa_index); kappa_scales: float32 `[n]`; tables: float32 codebooks;
+    norm_count: bfloat16 norms per token (TurboQuant).
+  """
+  kind: int
+  segments: np.ndarray
+  kappa_scales: np.ndarray
+  tables: np.ndarray
+  norm_count: int = 0
+
+
+def attend(q_hot, q_store, row_pos, counters, layer, window, softcap,
+           hot_leaves, store_k, store_v, hot: StoreLayout, store: StoreLayout):
+  """One decode-attention kernel call (the `kvjax_attend` target).
+
+  Args:
+    q_hot: float32 `[H, R, D]`, scaled queries; `q_store`: `[H, R, A]`, the
+      same in the store format's domain (`prepare_query`).
+    row_pos: int32 `[R]` positions of the rows.
+    counters: (length, evicted, tail_count), each int32 `[L]`.
+    layer: int32 scalar; window (int32) and softcap (float32): scalars or
+      None.
+    hot_leaves: (sink_k, sink_v, tail_k, tail_v), `[L, H, slots, D]`.
+    store_k, store_v: (data or codes, scale or norms, zero) of the store,
+      `[L, H, slots, ...]`, unused ones None.
+
+  Returns:
+    (out_hot `[H, R, D]`, out_store `[H, R, A]`): the softmax-weighted sums
+    of the hot tiers and of the store (in its domain), each already divided
+    by the common denominator; NaN rows and zero rows as docs/api.md says.
+  """
+  _require_loaded()
+  h, r, d = q_hot.shape
+  a = q_store.shape[-1]
+  dummy = jnp.zeros((1,), jnp.float32)
+  fill = lambda leaves: tuple(dummy if x is None else x for x in leaves)
+  out_types = (jax.ShapeDtypeStruct((h, r, d), jnp.float32),
+               jax.ShapeDtypeStruct((h, r, a), jnp.float32))
+  call = jax.ffi.ffi_call("kvjax_attend", out_types, vmap_method="expand_dims")
+  segments = np.asarray(store.segments, np.int32).reshape(-1)
+  return call(
+      q_hot, q_store, row_pos, *counters, jnp.asarray(layer, jnp.int32),
+      jnp.asarray(0 if window is None else window, jnp.int32),
+      jnp.asarray(0.0 if softcap is None else softcap, jnp.float32),
+      *hot_leaves, *fill(store_k), *fill(store_v),
+      jnp.asarray(store.tables if len(store.tables) else np.zeros(1, np.float32)),
+      hot_kind=np.int32(hot.kind), store_kind=np.int32(store.kind),
+      norm_count=np.int32(store.norm_count), segments=segments,
+      kappa_scales=np.asarray(store.kappa_scales, np.float32).reshape(-1),
+      has_window=np.int32(window is not None),
+      has_softcap=np.int32(softcap is not None))

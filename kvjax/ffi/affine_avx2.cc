@@ -148,8 +148,7 @@ KVJAX_AVX2 void Decode(const uint8_t* codes, const float* scale,
 
 }  // namespace
 
-const KernelSet kKernels{"avx2",
-                         {Encode<kQ8>, Decode<kQ8>},
-                         {Encode<kQ4>, Decode<kQ4>}};
+const FormatKernels kQ8Kernels{Encode<kQ8>, Decode<kQ8>};
+const FormatKernels kQ4Kernels{Encode<kQ4>, Decode<kQ4>};
 
 }  // namespace kvjax::avx2

@@ -146,8 +146,7 @@ KVJAX_AVX512 void Decode(const uint8_t* codes, const float* scale,
 
 }  // namespace
 
-const KernelSet kKernels{"avx512",
-                         {Encode<kQ8>, Decode<kQ8>},
-                         {Encode<kQ4>, Decode<kQ4>}};
+const FormatKernels kQ8Kernels{Encode<kQ8>, Decode<kQ8>};
+const FormatKernels kQ4Kernels{Encode<kQ4>, Decode<kQ4>};
 
 }  // namespace kvjax::avx512

@@ -1,12 +1,11 @@
 // Raw-pointer q8 / q4 kernels: one scalar reference and one variant per
 // instruction set, all with the same signatures and the same bits. Nothing
-// here knows about XLA or Python; `SelectKernels` is the one dispatch point.
+// here knows about XLA or Python; `SelectKernels` (kernels.h) is the one
+// dispatch point.
 #ifndef KVJAX_FFI_AFFINE_KERNELS_H_
 #define KVJAX_FFI_AFFINE_KERNELS_H_
 
 #include <cstdint>
-#include <string>
-#include <vector>
 
 namespace kvjax {
 
@@ -26,34 +25,15 @@ struct FormatKernels {
   DecodeFn decode;
 };
 
-struct KernelSet {
-  const char* isa;
-  FormatKernels q8;
-  FormatKernels q4;
-};
-
-namespace scalar { extern const KernelSet kKernels; }
+// Each variant's q8 and q4 kernels (the dispatch table is in kernels.h).
+namespace scalar { extern const FormatKernels kQ8Kernels, kQ4Kernels; }
 #if defined(__x86_64__) || defined(_M_X64)
-namespace avx2 { extern const KernelSet kKernels; }
-namespace avx512 { extern const KernelSet kKernels; }
+namespace avx2 { extern const FormatKernels kQ8Kernels, kQ4Kernels; }
+namespace avx512 { extern const FormatKernels kQ8Kernels, kQ4Kernels; }
 #endif
 #if defined(__aarch64__)
-namespace neon { extern const KernelSet kKernels; }
+namespace neon { extern const FormatKernels kQ8Kernels, kQ4Kernels; }
 #endif
-
-// Variants built into this binary, in order of preference.
-std::vector<const KernelSet*> CompiledKernels();
-
-// Whether this CPU can run `isa` (and the OS saves its registers).
-bool CpuSupports(const std::string& isa);
-
-// The variant to run: `requested` ("" or "auto" for the best this CPU
-// supports; otherwise a name from CompiledKernels). Returns nullptr and sets
-// `error` (which names the request as `source`, e.g. "KVJAX_ISA") for an
-// unknown name, a variant not built here, or one this CPU cannot run: never
-// a silent fallback.
-const KernelSet* SelectKernels(const std::string& requested,
-                               const std::string& source, std::string* error);
 
 }  // namespace kvjax
 

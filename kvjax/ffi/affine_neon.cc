@@ -115,8 +115,7 @@ void Decode(const uint8_t* codes, const float* scale, const float* zero,
 
 }  // namespace
 
-const KernelSet kKernels{"neon",
-                         {Encode<kQ8>, Decode<kQ8>},
-                         {Encode<kQ4>, Decode<kQ4>}};
+const FormatKernels kQ8Kernels{Encode<kQ8>, Decode<kQ8>};
+const FormatKernels kQ4Kernels{Encode<kQ4>, Decode<kQ4>};
 
 }  // namespace kvjax::neon

@@ -50,7 +50,7 @@ bool AnyRowSees(const Span& s, const int64_t* lo, const int64_t* hi, int rows) {
 
 }  // namespace
 
-void Attend(const AttendProblem& p, AttendRunFn run, int threads,
+void RunAttend(const AttendProblem& p, AttendRunFn run, int threads,
             const ParallelFn& parallel) {
   const int rows = p.rows;
   const int hot_lanes = p.hot.lanes, store_lanes = p.store.lanes;
@@ -115,8 +115,11 @@ void Attend(const AttendProblem& p, AttendRunFn run, int threads,
 
   // Partial of an item: max[R], denom[R], seen/nan flags[R] (as floats), acc[R][lanes].
   std::vector<float> partials(scratch);
+  const size_t run_bytes = std::max(RunScratchBytes(p.hot, rows), RunScratchBytes(p.store, rows));
   parallel(static_cast<int64_t>(items.size()), [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> flags(2 * rows);
+    std::vector<uint8_t> memory(run_bytes + 64);
+    void* aligned = memory.data() + (64 - reinterpret_cast<uintptr_t>(memory.data()) % 64) % 64;
     for (int64_t i = begin; i < end; ++i) {
       const Item& item = items[i];
       const SequenceView& seq = p.sequences[item.sequence];
@@ -144,6 +147,7 @@ void Attend(const AttendProblem& p, AttendRunFn run, int threads,
       args.hi = &hi[item.sequence * rows];
       args.has_softcap = p.has_softcap;
       args.softcap = seq.softcap;
+      args.scratch = aligned;
       Partial out{part, part + rows, flags.data(), flags.data() + rows, part + 4 * rows};
       run(args, out);
       for (int r = 0; r < rows; ++r) {

@@ -61,7 +61,7 @@ using ParallelFn = std::function<void(int64_t n, const std::function<void(int64_
 
 // Runs every sequence and head of `problem` through `run` (one variant's
 // AttendRun), `threads` wide, and writes the outputs.
-void Attend(const AttendProblem& problem, AttendRunFn run, int threads,
+void RunAttend(const AttendProblem& problem, AttendRunFn run, int threads,
             const ParallelFn& parallel);
 
 }  // namespace kvjax

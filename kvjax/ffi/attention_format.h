@@ -85,6 +85,55 @@ inline void SegmentTable(const TierFormat& f, const TierData& d, int64_t slot,
   for (int i = 0; i < 16; ++i) out[i] = f.tables[seg.table_offset + i % entries] * factor;
 }
 
+// The lane order of kLut formats in the SIMD variants. A segment's packed
+// codes are read as 32-bit words that each hold whole codes: for 1, 2 and 4
+// bits the little-endian dwords of the code row (32 / bits codes each), for
+// 3 bits each 3-byte group of 8 codes moved into a dword of its own. A chunk
+// of `lanes` lanes takes `lanes` such words (or fewer, repeated to fill the
+// vector) and lane l shifts its word right to its code; a table lookup then
+// reads the low 4 bits, which is why value tables repeat to 16 entries.
+struct LutGeometry {
+  int words;       // words in the segment
+  int per_word;    // codes per word
+  int chunk_words; // distinct words per chunk (repeated lanes / chunk_words times)
+  int iterations;  // chunks per `chunk_words` words
+};
+
+inline LutGeometry LutGeometryOf(const Segment& seg, int lanes) {
+  LutGeometry g;
+  g.words = seg.bits == 3 ? seg.channels / 8 : seg.channels * seg.bits / 32;
+  g.per_word = seg.bits == 3 ? 8 : 32 / seg.bits;
+  g.chunk_words = g.words < lanes ? g.words : lanes;
+  g.iterations = g.chunk_words > 0 ? g.per_word / (lanes / g.chunk_words) : 0;
+  return g;
+}
+
+// Whether a variant of `lanes` lanes reads this segment with whole chunks.
+inline bool LutFits(const Segment& seg, int lanes) {
+  if (seg.bits < 1 || seg.bits > 4 || seg.channels % lanes != 0) return false;
+  if (seg.bits == 3 ? seg.channels % 8 != 0 : (seg.channels * seg.bits) % 32 != 0) return false;
+  const LutGeometry g = LutGeometryOf(seg, lanes);
+  if (g.words < 1) return false;
+  if (g.words >= lanes ? g.words % lanes != 0 : lanes % g.words != 0) return false;
+  return g.per_word >= lanes / g.chunk_words;  // enough codes for the repeats
+}
+
+// The word and code that lane l of chunk c of a segment reads.
+inline void LutLane(const Segment& seg, int lanes, int c, int l, int* word, int* code) {
+  const LutGeometry g = LutGeometryOf(seg, lanes);
+  const int repeats = lanes / g.chunk_words;
+  const int block = c / g.iterations, it = c % g.iterations;
+  *word = lanes * block + l % g.chunk_words;
+  *code = it * repeats + l / g.chunk_words;
+}
+
+// The natural channel (within its segment) of a segment's kernel lane.
+inline int LutChannel(const Segment& seg, int lanes, int lane) {
+  int word, code;
+  LutLane(seg, lanes, lane / lanes, lane % lanes, &word, &code);
+  return word * LutGeometryOf(seg, lanes).per_word + code;
+}
+
 // One token of a tier decoded to `f.lanes` floats in natural lane order.
 inline void DecodeToken(const TierFormat& f, const TierData& d, int64_t slot, float* out) {
   const uint8_t* row = d.data + slot * f.row_bytes;

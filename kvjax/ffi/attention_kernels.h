@@ -87,7 +87,19 @@ struct RunArgs {
   const int64_t* hi;
   bool has_softcap;
   float softcap;
+  // Working memory of at least RunScratchBytes(*format, rows) bytes, 64-byte
+  // aligned. (The SIMD variants take none from the heap: code compiled for
+  // their instruction sets must not instantiate library templates that
+  // baseline code could link to.)
+  void* scratch;
 };
+
+// Scratch bytes a run of `rows` rows over format `f` may use.
+inline size_t RunScratchBytes(const TierFormat& f, int rows) {
+  const size_t lanes = f.lanes, block = 64, r = rows;
+  const size_t floats = 2 * r * lanes + 2 * r * block + 2 * r + 2 * block * 16 * kMaxSegments;
+  return 4 * floats + 4 * lanes + 32 * r + 64 * 16;
+}
 
 // The online softmax state of `rows` rows, updated in place by AttendRun.
 struct Partial {
@@ -103,8 +115,10 @@ using AttendRunFn = void (*)(const RunArgs& args, const Partial& out);
 // Visible tokens `[begin, end)` of a run (indices into the run) for a row
 // that sees positions [lo, hi]: empty when they do not meet.
 inline void VisibleSpan(const RunArgs& a, int r, int64_t* begin, int64_t* end) {
-  int64_t b = a.lo[r] - a.first_pos, e = a.hi[r] - a.first_pos + 1;
-  b = b < 0 ? 0 : b;
+  // lo may be INT64_MIN (no window): compare before subtracting.
+  int64_t b = a.lo[r] <= a.first_pos ? 0 : a.lo[r] - a.first_pos;
+  int64_t e = a.hi[r] < a.first_pos ? 0 : a.hi[r] - a.first_pos + 1;
+  b = b > a.count ? a.count : b;
   e = e > a.count ? a.count : e;
   *begin = b;
   *end = e > b ? e : b;

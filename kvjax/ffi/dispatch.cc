@@ -2,19 +2,28 @@
 #include <string>
 #include <vector>
 
-#include "affine_kernels.h"
+#include "kernels.h"
 
 namespace kvjax {
 
 std::vector<const KernelSet*> CompiledKernels() {
-  return {
+  // Built on first use: the variants' tables live in their own files.
 #if defined(__x86_64__) || defined(_M_X64)
-      &avx512::kKernels, &avx2::kKernels,
+  static const KernelSet avx512_set{"avx512", avx512::kQ8Kernels, avx512::kQ4Kernels, avx512::AttendRun};
+  static const KernelSet avx2_set{"avx2", avx2::kQ8Kernels, avx2::kQ4Kernels, avx2::AttendRun};
 #endif
 #if defined(__aarch64__)
-      &neon::kKernels,
+  static const KernelSet neon_set{"neon", neon::kQ8Kernels, neon::kQ4Kernels, neon::AttendRun};
 #endif
-      &scalar::kKernels,
+  static const KernelSet scalar_set{"scalar", scalar::kQ8Kernels, scalar::kQ4Kernels, scalar::AttendRun};
+  return {
+#if defined(__x86_64__) || defined(_M_X64)
+      &avx512_set, &avx2_set,
+#endif
+#if defined(__aarch64__)
+      &neon_set,
+#endif
+      &scalar_set,
   };
 }
 

@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "affine_format.h"
-#include "affine_kernels.h"
+#include "kernels.h"
 
 namespace {
 

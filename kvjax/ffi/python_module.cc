@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "affine_kernels.h"
+#include "kernels.h"
 #include "xla_handlers.h"
 
 namespace nb = nanobind;
@@ -27,6 +27,7 @@ NB_MODULE(_kvjax_ffi, m) {
     d["kvjax_q4_encode"] = Capsule(kvjax::Q4Encode);
     d["kvjax_q8_decode"] = Capsule(kvjax::Q8Decode);
     d["kvjax_q4_decode"] = Capsule(kvjax::Q4Decode);
+    d["kvjax_attend"] = Capsule(kvjax::Attend);
     return d;
   });
   m.def("selected_isa", [] {

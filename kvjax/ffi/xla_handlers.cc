@@ -3,14 +3,12 @@
 #include "xla_handlers.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
-#include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
-#include "affine_kernels.h"
+#include "kernels.h"
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -28,43 +26,6 @@ const Selection& ActiveKernels() {
 }
 
 namespace {
-
-// Runs fn(begin, end) over [0, n) in chunks on the calling thread and XLA's
-// pool. Workers claim chunks from a shared counter and the caller waits only
-// for chunks already claimed, so it never waits on a task still queued behind
-// busy pool threads (no deadlock when the caller is itself a pool thread).
-template <typename Fn>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t min_chunk, Fn fn) {
-  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
-  const int64_t chunks = std::min<int64_t>(4 * workers, n / std::max<int64_t>(1, min_chunk));
-  if (chunks <= 1) {
-    fn(0, n);
-    return;
-  }
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto shared = std::make_shared<Shared>();
-  const int64_t size = (n + chunks - 1) / chunks;
-  // Pool tasks reach `fn` through this pointer and call it only for a claimed
-  // chunk, which keeps the caller (and so `fn`) waiting until it is done.
-  const Fn* body = &fn;
-  auto work = [shared, body, chunks, size, n] {
-    for (int64_t c; (c = shared->next.fetch_add(1)) < chunks;) {
-      const int64_t begin = std::min(n, c * size);
-      if (begin < n) (*body)(begin, std::min(n, begin + size));
-      shared->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 0; t < std::min(workers, chunks - 1); ++t) {
-    pool.Schedule([work] { work(); });
-  }
-  work();
-  while (shared->done.load(std::memory_order_acquire) < chunks) {
-    std::this_thread::yield();
-  }
-}
 
 // Below this many elements a call runs on the calling thread only.
 constexpr int64_t kElementsPerChunk = 1 << 16;

@@ -4,7 +4,7 @@
 
 #include <string>
 
-#include "affine_kernels.h"
+#include "kernels.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace kvjax {
@@ -21,6 +21,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(Q8Encode);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Q4Encode);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Q8Decode);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Q4Decode);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(Attend);
 
 }  // namespace kvjax
 

@@ -1,0 +1,203 @@
+// Decode attention, AVX2 + FMA + F16C: 8 lanes. kLut formats spread their
+// packed codes as in attention_format.h (LutGeometry, 8 words per chunk) and
+// look them up with vpermps: one permute for tables of up to 8 entries, two
+// and a blend on bit 3 for 16.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "attention_format.h"
+#include "attention_kernels.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#elif defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#endif
+
+namespace kvjax::avx2 {
+namespace {
+
+struct Isa {
+  static constexpr int kLanes = 8;
+  using V = __m256;
+  using Mask = __m256;  // all-ones lanes
+
+  static V Load(const float* p) { return _mm256_loadu_ps(p); }
+  static void Store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V Zero() { return _mm256_setzero_ps(); }
+  static V Set1(float x) { return _mm256_set1_ps(x); }
+  static V Add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V Sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V Mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V Div(V a, V b) { return _mm256_div_ps(a, b); }
+  static V Max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V Select(Mask m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
+
+  static Mask SpanMask(int t, int vb, int ve) {
+    const __m256i lane = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                          _mm256_set1_epi32(t));
+    const __m256i ge = _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(vb - 1));
+    const __m256i lt = _mm256_cmpgt_epi32(_mm256_set1_epi32(ve), lane);
+    return _mm256_castsi256_ps(_mm256_and_si256(ge, lt));
+  }
+  static bool AnyNanOrPosInf(V x, Mask m) {
+    const V bad = _mm256_or_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q),
+                               _mm256_cmp_ps(x, Set1(__builtin_inff()), _CMP_EQ_OQ));
+    return _mm256_movemask_ps(_mm256_and_ps(bad, m)) != 0;
+  }
+  static V LoadPartial(const float* p, int n) {
+    if (n >= 8) return _mm256_loadu_ps(p);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_maskload_ps(p, mask);
+  }
+
+  static float ReduceAdd(V v) {
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+  }
+  static float ReduceMax(V v) {
+    __m128 q = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    q = _mm_max_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_max_ss(q, _mm_movehdup_ps(q)));
+  }
+  // Lane i of the result: the sum of the lanes of x[i].
+  static V ReduceTile(V* x) {
+    const V t0 = _mm256_hadd_ps(x[0], x[1]), t1 = _mm256_hadd_ps(x[2], x[3]);
+    const V t2 = _mm256_hadd_ps(x[4], x[5]), t3 = _mm256_hadd_ps(x[6], x[7]);
+    const V u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                         _mm256_permute2f128_ps(u0, u1, 0x31));
+  }
+
+  // exp(x) for x <= 0: -inf gives 0, NaN gives NaN, below -87.3 gives 0.
+  static V Exp(V x) {
+    const V xc = _mm256_max_ps(Set1(-87.3f), x);
+    const V n = _mm256_round_ps(_mm256_mul_ps(xc, Set1(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = _mm256_fnmadd_ps(n, Set1(0.693359375f), xc);
+    r = _mm256_fnmadd_ps(n, Set1(-2.12194440e-4f), r);
+    V p = Set1(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, r, Set1(1.0f / 720));
+    p = _mm256_fmadd_ps(p, r, Set1(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, Set1(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, Set1(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, Set1(0.5f));
+    p = _mm256_fmadd_ps(p, r, Set1(1.0f));
+    p = _mm256_fmadd_ps(p, r, Set1(1.0f));
+    const __m256i exponent = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const V e = _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+    const V e_or_nan = _mm256_blendv_ps(e, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    return _mm256_blendv_ps(e_or_nan, Zero(), _mm256_cmp_ps(x, Set1(-87.3f), _CMP_LT_OQ));
+  }
+  static float ExpScalar(float x) { return std::exp(x); }
+  static V Tanh(V x) {
+    const V abs = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
+    const V y = _mm256_mul_ps(abs, Set1(2.0f));
+    const V ny = _mm256_sub_ps(Zero(), y);
+    V series = Set1(1.0f / 40320);
+    const float inv_fact[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f};
+    for (float c : inv_fact) series = _mm256_fmadd_ps(series, ny, Set1(c));
+    series = _mm256_mul_ps(series, ny);
+    const V em = _mm256_blendv_ps(_mm256_sub_ps(Exp(ny), Set1(1.0f)), series,
+                                  _mm256_cmp_ps(y, Set1(0.625f), _CMP_LT_OQ));
+    const V t = _mm256_div_ps(_mm256_sub_ps(Zero(), em), _mm256_add_ps(Set1(2.0f), em));
+    const V sign = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(INT32_MIN)));
+    return _mm256_or_ps(t, sign);
+  }
+
+  static V LoadF32(const uint8_t* row, int c) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + 8 * c);
+  }
+  static V LoadBF16(const uint8_t* row, int c) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static V LoadF16(const uint8_t* row, int c) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c)));
+  }
+  static V LoadU8(const uint8_t* row, int c) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * c));
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+  }
+  static void Table16(const float* base, float mul, float add, float* out) {
+    for (int h = 0; h < 2; ++h) {
+      _mm256_storeu_ps(out + 8 * h, _mm256_fmadd_ps(_mm256_loadu_ps(base + 8 * h), Set1(mul), Set1(add)));
+    }
+  }
+
+  // kLut lanes (attention_format.h, LutGeometry): 8 words per chunk.
+  struct LutPlan {
+    int32_t byte_offset;
+    int32_t words;
+    bool three_bit, four_bit;
+    __m256i spread, shift;
+  };
+  static bool LutFits(const Segment& seg) { return kvjax::LutFits(seg, 8); }
+  static int LutChannel(const Segment& seg, int lane) { return kvjax::LutChannel(seg, 8, lane); }
+  static void PlanLut(const Segment& seg, int c, LutPlan* plan) {
+    alignas(32) int32_t spread[8], shift[8];
+    int first = 0;
+    for (int l = 0; l < 8; ++l) {
+      int word, code;
+      LutLane(seg, 8, c, l, &word, &code);
+      if (l == 0) first = word;
+      spread[l] = word - first;
+      shift[l] = code * seg.bits;
+    }
+    plan->words = LutGeometryOf(seg, 8).chunk_words;
+    plan->three_bit = seg.bits == 3;
+    plan->four_bit = seg.bits == 4;
+    plan->byte_offset = seg.code_offset + first * (seg.bits == 3 ? 3 : 4);
+    plan->spread = _mm256_load_si256(reinterpret_cast<const __m256i*>(spread));
+    plan->shift = _mm256_load_si256(reinterpret_cast<const __m256i*>(shift));
+  }
+  static __m256i Words(const uint8_t* row, const LutPlan& p) {
+    const uint8_t* src = row + p.byte_offset;
+    if (!p.three_bit) {
+      if (p.words == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(p.words),
+                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      const __m256i w = _mm256_maskload_epi32(reinterpret_cast<const int*>(src), mask);
+      return _mm256_permutevar8x32_epi32(w, p.spread);
+    }
+    // 3-byte groups, 4 per 128-bit lane, each into a dword. Copied byte-wise:
+    // a dword-granular load could read past the end of the last row.
+    alignas(32) uint8_t bytes[32] = {};
+    const int n = 3 * p.words;
+    std::memcpy(bytes, src, n < 12 ? n : 12);
+    if (n > 12) std::memcpy(bytes + 16, src + 12, n - 12);
+    const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes));
+    const __m128i pattern = _mm_setr_epi8(0, 1, 2, -128, 3, 4, 5, -128, 6, 7, 8, -128, 9, 10, 11, -128);
+    const __m256i groups = _mm256_shuffle_epi8(v, _mm256_broadcastsi128_si256(pattern));
+    return p.words == 8 ? groups : _mm256_permutevar8x32_epi32(groups, p.spread);
+  }
+  static V LoadLut(const uint8_t* row, const LutPlan& p, const float* table) {
+    const __m256i index = _mm256_srlv_epi32(Words(row, p), p.shift);
+    const V low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), index);
+    if (!p.four_bit) return low;  // tables of <= 8 entries repeat: bit 3 is moot
+    const V high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), index);
+    return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
+  }
+};
+
+#include "attention_simd.h"
+
+}  // namespace
+
+void AttendRun(const RunArgs& a, const Partial& out) { SimdAttendRun(a, out); }
+
+}  // namespace kvjax::avx2
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#elif defined(__clang__)
+#pragma clang attribute pop
+#endif

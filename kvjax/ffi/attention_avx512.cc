@@ -1,0 +1,207 @@
+// Decode attention, AVX-512 (F, BW, DQ, VL): 16 lanes. kLut formats look a
+// token's codes up in its 16-entry value table with one permute per 16 lanes
+// (vpermps), after spreading the packed codes so that each 32-bit lane holds
+// its code in the low bits (see PlanLut).
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "attention_format.h"
+#include "attention_kernels.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
+#elif defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"))), apply_to = function)
+#endif
+
+namespace kvjax::avx512 {
+namespace {
+
+struct Isa {
+  static constexpr int kLanes = 16;
+  using V = __m512;
+  using Mask = __mmask16;
+
+  static V Load(const float* p) { return _mm512_loadu_ps(p); }
+  static void Store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V Zero() { return _mm512_setzero_ps(); }
+  static V Set1(float x) { return _mm512_set1_ps(x); }
+  static V Add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V Sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V Mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V Div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V Max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V Select(Mask m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
+
+  // Lanes j with vb <= t + j < ve.
+  static Mask SpanMask(int t, int vb, int ve) {
+    int lo = vb - t, hi = ve - t;
+    lo = lo < 0 ? 0 : lo > 16 ? 16 : lo;
+    hi = hi < 0 ? 0 : hi > 16 ? 16 : hi;
+    const uint32_t bits = ((1u << hi) - 1) & ~((1u << lo) - 1);
+    return static_cast<Mask>(bits);
+  }
+  static bool AnyNanOrPosInf(V x, Mask m) {
+    return (_mm512_mask_cmp_ps_mask(m, x, x, _CMP_UNORD_Q) |
+            _mm512_mask_cmp_ps_mask(m, x, Set1(__builtin_inff()), _CMP_EQ_OQ)) != 0;
+  }
+  static V LoadPartial(const float* p, int n) {
+    if (n >= 16) return _mm512_loadu_ps(p);
+    return _mm512_maskz_loadu_ps(static_cast<Mask>((1u << n) - 1), p);
+  }
+
+  static float ReduceAdd(V v) {
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+  }
+  static float ReduceMax(V v) {
+    const __m256 h = _mm256_max_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 q = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    q = _mm_max_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_max_ss(q, _mm_movehdup_ps(q)));
+  }
+  // Lane i of the result: the sum of the lanes of x[i].
+  static V ReduceTile(V* x) {
+    V a[8], b[4];
+    for (int i = 0; i < 8; ++i) {
+      a[i] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]),
+                           _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
+    }
+    for (int i = 0; i < 4; ++i) {
+      const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]));
+      const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]));
+      b[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+    }
+    const V u = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88), _mm512_shuffle_f32x4(b[0], b[1], 0xDD));
+    const V w = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88), _mm512_shuffle_f32x4(b[2], b[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(u, w, 0x88), _mm512_shuffle_f32x4(u, w, 0xDD));
+  }
+
+  // exp(x) for x <= 0: -inf gives 0, NaN gives NaN; below -87.3 (a result
+  // under FLT_MIN) 0. About 1 ulp.
+  static V Exp(V x) {
+    const V xc = _mm512_max_ps(Set1(-87.3f), x);  // NaN stays (second operand)
+    const V n = _mm512_roundscale_ps(_mm512_mul_ps(xc, Set1(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = _mm512_fnmadd_ps(n, Set1(0.693359375f), xc);
+    r = _mm512_fnmadd_ps(n, Set1(-2.12194440e-4f), r);
+    V p = Set1(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, Set1(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, Set1(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, Set1(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, Set1(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, Set1(0.5f));
+    p = _mm512_fmadd_ps(p, r, Set1(1.0f));
+    p = _mm512_fmadd_ps(p, r, Set1(1.0f));
+    const V e = _mm512_scalef_ps(p, n);
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, Set1(-87.3f), _CMP_LT_OQ), e, Zero());
+  }
+  static float ExpScalar(float x) { return std::exp(x); }
+  // tanh(x) = -expm1(-2|x|) / (2 + expm1(-2|x|)) with the sign of x; expm1
+  // by its series near 0, so small logits keep their relative precision.
+  static V Tanh(V x) {
+    const V y = _mm512_mul_ps(_mm512_abs_ps(x), Set1(2.0f));
+    const V ny = _mm512_sub_ps(Zero(), y);
+    V series = Set1(1.0f / 40320);
+    const float inv_fact[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f};
+    for (float c : inv_fact) series = _mm512_fmadd_ps(series, ny, Set1(c));
+    series = _mm512_mul_ps(series, ny);
+    const V em = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, Set1(0.625f), _CMP_LT_OQ),
+                                      _mm512_sub_ps(Exp(ny), Set1(1.0f)), series);
+    const V t = _mm512_div_ps(_mm512_sub_ps(Zero(), em), _mm512_add_ps(Set1(2.0f), em));
+    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign));
+  }
+
+  static V LoadF32(const uint8_t* row, int c) {
+    return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + 16 * c);
+  }
+  static V LoadBF16(const uint8_t* row, int c) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * c));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static V LoadF16(const uint8_t* row, int c) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * c)));
+  }
+  static V LoadU8(const uint8_t* row, int c) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c));
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+  }
+  static void Table16(const float* base, float mul, float add, float* out) {
+    _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_loadu_ps(base), Set1(mul), Set1(add)));
+  }
+
+  // kLut lanes (attention_format.h, LutGeometry): 16 words per chunk.
+  struct LutPlan {
+    int32_t byte_offset;  // of the chunk's first word in the code row
+    int32_t words;        // distinct words in the chunk (16, or repeated)
+    bool three_bit;
+    __m512i spread;       // lane l reads word spread[l]
+    __m512i shift;        // ... shifted right by shift[l] bits
+  };
+
+  static bool LutFits(const Segment& seg) { return kvjax::LutFits(seg, 16); }
+  static int LutChannel(const Segment& seg, int lane) { return kvjax::LutChannel(seg, 16, lane); }
+  static void PlanLut(const Segment& seg, int c, LutPlan* plan) {
+    alignas(64) int32_t spread[16], shift[16];
+    int first = 0;
+    for (int l = 0; l < 16; ++l) {
+      int word, code;
+      LutLane(seg, 16, c, l, &word, &code);
+      if (l == 0) first = word;
+      spread[l] = word - first;
+      shift[l] = code * seg.bits;
+    }
+    plan->words = LutGeometryOf(seg, 16).chunk_words;
+    plan->three_bit = seg.bits == 3;
+    plan->byte_offset = seg.code_offset + first * (seg.bits == 3 ? 3 : 4);
+    plan->spread = _mm512_load_si512(spread);
+    plan->shift = _mm512_load_si512(shift);
+  }
+  static __m512i Words(const uint8_t* row, const LutPlan& p) {
+    const uint8_t* src = row + p.byte_offset;
+    if (!p.three_bit) {
+      if (p.words == 16) return _mm512_loadu_si512(src);
+      const __m512i w = _mm512_maskz_loadu_epi32(static_cast<Mask>((1u << p.words) - 1), src);
+      return _mm512_permutexvar_epi32(p.spread, w);
+    }
+    // Groups of 3 bytes, 4 per 128-bit lane, then each into a dword.
+    const int bytes = 3 * p.words;
+    __m128i part[4];
+    for (int q = 0; q < 4; ++q) {
+      const int n = bytes - 12 * q < 0 ? 0 : bytes - 12 * q < 12 ? bytes - 12 * q : 12;
+      part[q] = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << n) - 1), src + 12 * q);
+    }
+    const __m512i v = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_inserti128_si256(_mm256_castsi128_si256(part[0]), part[1], 1)),
+        _mm256_inserti128_si256(_mm256_castsi128_si256(part[2]), part[3], 1), 1);
+    const __m512i groups = _mm512_shuffle_epi8(v, _mm512_broadcast_i32x4(_mm_setr_epi8(
+        0, 1, 2, -128, 3, 4, 5, -128, 6, 7, 8, -128, 9, 10, 11, -128)));
+    return p.words == 16 ? groups : _mm512_permutexvar_epi32(p.spread, groups);
+  }
+  static V LoadLut(const uint8_t* row, const LutPlan& p, const float* table) {
+    const __m512i index = _mm512_srlv_epi32(Words(row, p), p.shift);
+    return _mm512_permutexvar_ps(index, _mm512_loadu_ps(table));
+  }
+};
+
+#include "attention_simd.h"
+
+}  // namespace
+
+void AttendRun(const RunArgs& a, const Partial& out) { SimdAttendRun(a, out); }
+
+}  // namespace kvjax::avx512
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#elif defined(__clang__)
+#pragma clang attribute pop
+#endif

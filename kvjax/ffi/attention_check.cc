@@ -1,0 +1,321 @@
+// kvjax_attention_check: every decode-attention variant against the scalar
+// reference on random caches, with no Python or XLA (so it also runs under
+// the sanitizers and, cross-compiled, under qemu-aarch64).
+//
+//   kvjax_attention_check [--isa NAME] [--cases N] [--seed S]
+//
+// Each case draws a tier format (f32, bf16, f16, q8, and packed-code formats
+// with segments of 1 to 4 bits, affine or with norms and QJL coefficients),
+// a head dim, rows, ring positions, counters, query positions, a window and a
+// softcap, and NaN / Inf values in random tokens. The variant must give NaN
+// and +-Inf exactly where the reference does and agree within 2e-5 of each
+// row's largest value elsewhere. Prints one line per variant; exits 1 on a
+// mismatch.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention_driver.h"
+#include "attention_format.h"
+#include "kernels.h"
+
+namespace kvjax {
+namespace {
+
+struct Case {
+  AttendProblem problem;
+  TierFormat hot, store;
+  std::vector<uint8_t> sink_k, sink_v, tail_k, tail_v, store_k, store_v;
+  std::vector<float> store_scale_k, store_zero_k, store_scale_v, store_zero_v;
+  std::vector<uint16_t> norms_k, norms_v;
+  std::vector<float> tables, q_hot, q_store;
+  std::vector<int32_t> row_pos;
+  SequenceView seq;
+  std::string label;
+};
+
+uint16_t Bf16Bits(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  return static_cast<uint16_t>((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+}
+
+uint16_t F16Bits(float x) {  // round to nearest; values here are small
+  if (std::isnan(x)) return 0x7E00;
+  if (std::isinf(x)) return x > 0 ? 0x7C00 : 0xFC00;
+  const uint16_t sign = std::signbit(x) ? 0x8000 : 0;
+  float a = std::fabs(x);
+  if (a >= 65520.0f) return sign | 0x7C00;
+  if (a < 6.1035156e-05f) return sign | static_cast<uint16_t>(std::nearbyint(a / 5.9604644775390625e-8f));
+  int e;
+  const float m = std::frexp(a, &e);  // a = m 2^e, m in [0.5, 1)
+  int mant = static_cast<int>(std::nearbyint((m * 2 - 1) * 1024));
+  int exp = e - 1 + 15;
+  if (mant == 1024) { mant = 0; ++exp; }
+  return sign | static_cast<uint16_t>(exp << 10) | static_cast<uint16_t>(mant);
+}
+
+// Random values for `n` rows of `lanes` in `kind`, with rare NaN / Inf.
+void FillRaw(std::mt19937& g, ValueKind kind, int64_t n, int lanes, double bad,
+             std::vector<uint8_t>* out) {
+  std::normal_distribution<float> normal;
+  std::uniform_real_distribution<double> u;
+  const int bytes = kind == ValueKind::kF32 ? 4 : 2;
+  out->assign(static_cast<size_t>(n) * lanes * bytes, 0);
+  for (int64_t i = 0; i < n * lanes; ++i) {
+    float x = normal(g);
+    const double r = u(g);
+    if (r < bad) x = r < bad / 3 ? NAN : r < 2 * bad / 3 ? INFINITY : -INFINITY;
+    if (kind == ValueKind::kF32) {
+      std::memcpy(out->data() + 4 * i, &x, 4);
+    } else {
+      const uint16_t h = kind == ValueKind::kBF16 ? Bf16Bits(x) : F16Bits(x);
+      std::memcpy(out->data() + 2 * i, &h, 2);
+    }
+  }
+}
+
+Case Draw(std::mt19937& g) {
+  Case c;
+  auto pick = [&](int n) { return static_cast<int>(g() % n); };
+  std::uniform_real_distribution<float> u01(0, 1);
+  std::normal_distribution<float> normal;
+  const int heads = 1 + pick(3);
+  const int dims[] = {16, 32, 48, 64, 128, 8, 6, 24};
+  int d = dims[pick(8)];
+  const int store_kind = pick(6);  // 0-3 raw/q8, 4 affine lut, 5 turbo-like lut
+  if (store_kind >= 4 && d % 16) d = 64;
+  const int group = 1 + pick(4);
+  const int n_q = 1 + pick(4);
+  const int rows = group * n_q;
+  const int sinks = pick(3), tail_slots = 2 + pick(12), store_slots = 8 + pick(200);
+  const double bad = u01(g) < 0.3 ? 0.002 : 0.0;
+
+  c.hot.kind = static_cast<ValueKind>(pick(3));
+  c.hot.lanes = d;
+  c.hot.row_bytes = d * (c.hot.kind == ValueKind::kF32 ? 4 : 2);
+  c.store = TierFormat();
+  c.store.lanes = d;
+  if (store_kind < 4) {
+    c.store.kind = static_cast<ValueKind>(store_kind);
+    c.store.row_bytes = store_kind == 3 ? d : d * (store_kind == 0 ? 4 : 2);
+  } else if (store_kind == 4) {  // q4
+    c.store.kind = ValueKind::kLut;
+    c.store.row_bytes = d / 2;
+    c.store.num_segments = 1;
+    c.store.segments[0] = Segment{4, d, 0, 0, 0, -1, -1, 0.0f};
+    c.tables.assign(16, 0.0f);
+  } else {  // segments of random widths, one maybe a QJL one
+    c.store.kind = ValueKind::kLut;
+    const int nseg = d >= 32 ? 1 + pick(2) : 1;
+    const bool qjl = u01(g) < 0.4;
+    c.store.lanes = qjl ? 2 * d : d;
+    int code = 0, lane = 0, norm = 0;
+    for (int s = 0; s < nseg; ++s) {
+      const int m = d / nseg;
+      const int bits = 1 + pick(4);
+      c.store.segments[s] = Segment{bits, m, code, lane, static_cast<int32_t>(c.tables.size()),
+                                    norm++, -1, 0.0f};
+      for (int i = 0; i < (1 << bits); ++i) c.tables.push_back(normal(g));
+      code += bits == 3 ? m / 8 * 3 : m * bits / 8;
+      lane += m;
+    }
+    c.store.num_segments = nseg;
+    if (qjl) {
+      c.store.segments[nseg] = Segment{1, d, code, d, static_cast<int32_t>(c.tables.size()), 0,
+                                       norm++, 0.3f};
+      c.tables.push_back(-1.0f);
+      c.tables.push_back(1.0f);
+      code += d / 8;
+      c.store.num_segments = nseg + 1;
+    }
+    c.store.row_bytes = code;
+    c.store.norm_count = norm;
+  }
+  c.store.tables = c.tables.data();
+
+  FillRaw(g, c.hot.kind, static_cast<int64_t>(heads) * sinks, d, bad, &c.sink_k);
+  FillRaw(g, c.hot.kind, static_cast<int64_t>(heads) * sinks, d, bad, &c.sink_v);
+  FillRaw(g, c.hot.kind, static_cast<int64_t>(heads) * tail_slots, d, bad, &c.tail_k);
+  FillRaw(g, c.hot.kind, static_cast<int64_t>(heads) * tail_slots, d, bad, &c.tail_v);
+  const int64_t store_rows = static_cast<int64_t>(heads) * store_slots;
+  for (auto* data : {&c.store_k, &c.store_v}) {
+    if (c.store.kind == ValueKind::kF32 || c.store.kind == ValueKind::kBF16 ||
+        c.store.kind == ValueKind::kF16) {
+      FillRaw(g, c.store.kind, store_rows, d, bad, data);
+    } else {
+      data->resize(store_rows * c.store.row_bytes);
+      for (auto& b : *data) b = static_cast<uint8_t>(g());
+    }
+  }
+  for (auto* v : {&c.store_scale_k, &c.store_scale_v}) {
+    v->resize(store_rows);
+    for (auto& x : *v) x = u01(g) < bad ? NAN : 0.01f + 0.1f * u01(g);
+  }
+  for (auto* v : {&c.store_zero_k, &c.store_zero_v}) {
+    v->resize(store_rows);
+    for (auto& x : *v) x = normal(g);
+  }
+  for (auto* v : {&c.norms_k, &c.norms_v}) {
+    v->resize(store_rows * c.store.norm_count);
+    for (auto& x : *v) x = Bf16Bits(u01(g) < bad ? NAN : 0.5f + u01(g));
+  }
+
+  // Counters: a non-sink run of at most store_slots tokens, the newest in the tail.
+  const int32_t end = pick(3 * store_slots);
+  const int32_t retained = std::min<int32_t>(end, store_slots - pick(store_slots / 2 + 1));
+  c.seq.length = sinks + end;
+  if (end == 0) c.seq.length = pick(sinks + 1);
+  c.seq.evicted = std::max<int32_t>(end - retained, 0);
+  c.seq.tail_count = std::min<int32_t>({retained, tail_slots - 1, static_cast<int32_t>(pick(tail_slots))});
+  c.q_hot.resize(static_cast<size_t>(heads) * rows * d);
+  c.q_store.resize(static_cast<size_t>(heads) * rows * c.store.lanes);
+  for (auto& x : c.q_hot) x = normal(g) * 0.3f;
+  for (auto& x : c.q_store) x = normal(g) * 0.3f;
+  c.row_pos.resize(rows);
+  for (int r = 0; r < rows; ++r) c.row_pos[r] = pick(c.seq.length + 3) - 1;
+  c.seq.has_window = u01(g) < 0.3;
+  c.seq.window = 1 + pick(40);
+  c.seq.softcap = 2.0f + 10 * u01(g);
+  c.seq.q_hot = c.q_hot.data();
+  c.seq.q_store = c.q_store.data();
+  c.seq.row_pos = c.row_pos.data();
+  auto view = [&](std::vector<uint8_t>& data, int slots, const TierFormat& f, float* scale,
+                  float* zero, uint16_t* norms) {
+    TierView t;
+    t.base.data = data.data();
+    t.base.scale = scale;
+    t.base.zero = zero;
+    t.base.norms = norms;
+    t.head_slots = slots;
+    t.head_bytes = static_cast<int64_t>(slots) * f.row_bytes;
+    return t;
+  };
+  c.seq.sink_k = view(c.sink_k, sinks, c.hot, nullptr, nullptr, nullptr);
+  c.seq.sink_v = view(c.sink_v, sinks, c.hot, nullptr, nullptr, nullptr);
+  c.seq.tail_k = view(c.tail_k, tail_slots, c.hot, nullptr, nullptr, nullptr);
+  c.seq.tail_v = view(c.tail_v, tail_slots, c.hot, nullptr, nullptr, nullptr);
+  c.seq.store_k = view(c.store_k, store_slots, c.store, c.store_scale_k.data(),
+                       c.store_zero_k.data(), c.norms_k.data());
+  c.seq.store_v = view(c.store_v, store_slots, c.store, c.store_scale_v.data(),
+                       c.store_zero_v.data(), c.norms_v.data());
+  c.problem.heads = heads;
+  c.problem.rows = rows;
+  c.problem.sinks = sinks;
+  c.problem.tail_slots = tail_slots;
+  c.problem.store_slots = store_slots;
+  c.problem.has_softcap = u01(g) < 0.3;
+  c.problem.hot = c.hot;
+  c.problem.store = c.store;
+  c.label = "kind " + std::to_string(store_kind) + " d " + std::to_string(d) + " heads " +
+            std::to_string(heads) + " rows " + std::to_string(rows) + " length " +
+            std::to_string(c.seq.length) + " evicted " + std::to_string(c.seq.evicted) +
+            " tail " + std::to_string(c.seq.tail_count) + " hot " +
+            std::to_string(static_cast<int>(c.hot.kind)) + (c.problem.has_softcap ? " softcap" : "") +
+            (c.seq.has_window ? " window " + std::to_string(c.seq.window) : "") +
+            (bad > 0 ? " with NaN/Inf" : "");
+  return c;
+}
+
+// Both outputs of one case by one variant.
+std::vector<float> Run(Case& c, AttendRunFn run) {
+  const int heads = c.problem.heads, rows = c.problem.rows;
+  std::vector<float> out(static_cast<size_t>(heads) * rows * (c.hot.lanes + c.store.lanes));
+  c.seq.out_hot = out.data();
+  c.seq.out_store = out.data() + static_cast<size_t>(heads) * rows * c.hot.lanes;
+  c.problem.sequences = &c.seq;
+  c.problem.num_sequences = 1;
+  RunAttend(c.problem, run, 3, [](int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+    for (int64_t i = 0; i < n; i += 2) fn(i, i + 2 < n ? i + 2 : n);  // several chunks
+  });
+  return out;
+}
+
+std::string Num(float x) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.9g", x);
+  return buf;
+}
+
+// Largest finite |value| of each row of `width` lanes.
+std::vector<float> RowScales(const float* x, size_t rows, int width) {
+  std::vector<float> scale(rows, 0.0f);
+  for (size_t r = 0; r < rows; ++r) {
+    for (int i = 0; i < width; ++i) {
+      if (std::isfinite(x[r * width + i])) scale[r] = std::max(scale[r], std::fabs(x[r * width + i]));
+    }
+  }
+  return scale;
+}
+
+// Empty when `got` agrees with `want` (rows of `width` lanes, each within
+// 2e-5 of `scale[row]`), else what differs.
+std::string Compare(const float* got, const float* want, size_t rows, int width,
+                    const std::vector<float>& scale) {
+  for (size_t row = 0; row < rows; ++row) {
+    for (int i = 0; i < width; ++i) {
+      const float g = got[row * width + i], w = want[row * width + i];
+      const bool same_class = std::isnan(g) == std::isnan(w) &&
+                              (std::isinf(g) == std::isinf(w)) &&
+                              (!std::isinf(w) || std::signbit(g) == std::signbit(w));
+      if (!same_class || (std::isfinite(w) && std::fabs(g - w) > 2e-5f * scale[row] + 1e-30f)) {
+        return "row " + std::to_string(row) + " lane " + std::to_string(i) + ": got " +
+               Num(g) + ", reference " + Num(w) + " (row scale " + Num(scale[row]) + ")";
+      }
+    }
+  }
+  return "";
+}
+
+}  // namespace
+}  // namespace kvjax
+
+int main(int argc, char** argv) {
+  std::string isa = "all";
+  int cases = 400;
+  unsigned seed = 1;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string arg = argv[i];
+    if (arg == "--isa") isa = argv[i + 1];
+    else if (arg == "--cases") cases = std::atoi(argv[i + 1]);
+    else if (arg == "--seed") seed = static_cast<unsigned>(std::atoi(argv[i + 1]));
+    else {
+      std::fprintf(stderr, "usage: kvjax_attention_check [--isa NAME|all] [--cases N] [--seed S]\n");
+      return 2;
+    }
+  }
+  int failures = 0;
+  for (const kvjax::KernelSet* k : kvjax::CompiledKernels()) {
+    if ((isa != "all" && isa != k->isa) || !kvjax::CpuSupports(k->isa)) continue;
+    std::mt19937 g(seed);
+    int bad = 0, nan_rows = 0;
+    std::string first;
+    for (int i = 0; i < cases; ++i) {
+      kvjax::Case c = kvjax::Draw(g);
+      const std::vector<float> want = kvjax::Run(c, kvjax::scalar::AttendRun);
+      const std::vector<float> got = kvjax::Run(c, k->attend);
+      for (float w : want) nan_rows += std::isnan(w);
+      // Both outputs, hot lanes then store lanes, row by row, on the scale of
+      // the row's larger part (one is often tiny beside the other).
+      const size_t rows = static_cast<size_t>(c.problem.heads) * c.problem.rows;
+      const float* got_store = got.data() + rows * c.hot.lanes;
+      const float* want_store = want.data() + rows * c.hot.lanes;
+      std::vector<float> scale = kvjax::RowScales(want.data(), rows, c.hot.lanes);
+      const std::vector<float> store_scale = kvjax::RowScales(want_store, rows, c.store.lanes);
+      for (size_t r = 0; r < rows; ++r) scale[r] = std::max(scale[r], store_scale[r]);
+      std::string diff = kvjax::Compare(got.data(), want.data(), rows, c.hot.lanes, scale);
+      if (diff.empty()) diff = kvjax::Compare(got_store, want_store, rows, c.store.lanes, scale);
+      if (!diff.empty()) {
+        if (bad++ == 0) first = "case " + std::to_string(i) + " (" + c.label + "): " + diff;
+      }
+    }
+    std::printf("%s: %d cases, %d mismatched%s%s (NaN outputs %d)\n", k->isa, cases, bad,
+                bad ? "; first: " : "", first.c_str(), nan_rows);
+    failures += bad;
+  }
+  return failures ? 1 : 0;
+}

@@ -1,0 +1,152 @@
+// Decode attention, AArch64 Advanced SIMD: 4 lanes. kLut formats gather each
+// chunk's words with one byte table lookup (vqtbl1q: the 3-byte groups of
+// 3-bit codes into dwords, fewer words repeated) and look the codes up in the
+// 16-entry value table with vqtbl4q, bytes 4i .. 4i+3 of entry i.
+#include <arm_neon.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "attention_format.h"
+#include "attention_kernels.h"
+
+namespace kvjax::neon {
+namespace {
+
+struct Isa {
+  static constexpr int kLanes = 4;
+  using V = float32x4_t;
+  using Mask = uint32x4_t;
+
+  static V Load(const float* p) { return vld1q_f32(p); }
+  static void Store(float* p, V v) { vst1q_f32(p, v); }
+  static V Zero() { return vdupq_n_f32(0.0f); }
+  static V Set1(float x) { return vdupq_n_f32(x); }
+  static V Add(V a, V b) { return vaddq_f32(a, b); }
+  static V Sub(V a, V b) { return vsubq_f32(a, b); }
+  static V Mul(V a, V b) { return vmulq_f32(a, b); }
+  static V Div(V a, V b) { return vdivq_f32(a, b); }
+  static V Max(V a, V b) { return vmaxq_f32(a, b); }
+  static V Fma(V a, V b, V c) { return vfmaq_f32(c, a, b); }
+  static V Select(Mask m, V a, V b) { return vbslq_f32(m, a, b); }
+
+  static Mask SpanMask(int t, int vb, int ve) {
+    const int32_t iota[4] = {0, 1, 2, 3};
+    const int32x4_t lane = vaddq_s32(vld1q_s32(iota), vdupq_n_s32(t));
+    return vandq_u32(vcgeq_s32(lane, vdupq_n_s32(vb)), vcltq_s32(lane, vdupq_n_s32(ve)));
+  }
+  static bool AnyNanOrPosInf(V x, Mask m) {
+    const uint32x4_t bad = vorrq_u32(vmvnq_u32(vceqq_f32(x, x)),
+                                     vceqq_f32(x, vdupq_n_f32(__builtin_inff())));
+    return vmaxvq_u32(vandq_u32(bad, m)) != 0;
+  }
+  static V LoadPartial(const float* p, int n) {
+    if (n >= 4) return vld1q_f32(p);
+    float tmp[4] = {0, 0, 0, 0};
+    for (int i = 0; i < n; ++i) tmp[i] = p[i];
+    return vld1q_f32(tmp);
+  }
+  static float ReduceAdd(V v) { return vaddvq_f32(v); }
+  static float ReduceMax(V v) { return vmaxvq_f32(v); }
+  static V ReduceTile(V* x) {
+    return vpaddq_f32(vpaddq_f32(x[0], x[1]), vpaddq_f32(x[2], x[3]));
+  }
+
+  static V Exp(V x) {
+    const V xc = vmaxq_f32(x, vdupq_n_f32(-87.3f));
+    const V n = vrndnq_f32(vmulq_f32(xc, vdupq_n_f32(1.44269504088896341f)));
+    V r = vfmsq_f32(xc, n, vdupq_n_f32(0.693359375f));
+    r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
+    V p = vdupq_n_f32(1.0f / 5040);
+    const float c[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+    for (float k : c) p = vfmaq_f32(vdupq_n_f32(k), p, r);
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    V out = vmulq_f32(p, vreinterpretq_f32_s32(e));
+    out = vbslq_f32(vceqq_f32(x, x), out, x);  // NaN stays NaN
+    return vbslq_f32(vcltq_f32(x, vdupq_n_f32(-87.3f)), vdupq_n_f32(0.0f), out);
+  }
+  static float ExpScalar(float x) { return std::exp(x); }
+  static V Tanh(V x) {
+    const V y = vmulq_f32(vabsq_f32(x), vdupq_n_f32(2.0f));
+    const V ny = vnegq_f32(y);
+    V series = vdupq_n_f32(1.0f / 40320);
+    const float inv_fact[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f};
+    for (float k : inv_fact) series = vfmaq_f32(vdupq_n_f32(k), series, ny);
+    series = vmulq_f32(series, ny);
+    const V em = vbslq_f32(vcltq_f32(y, vdupq_n_f32(0.625f)), series,
+                           vsubq_f32(Exp(ny), vdupq_n_f32(1.0f)));
+    const V t = vdivq_f32(vnegq_f32(em), vaddq_f32(vdupq_n_f32(2.0f), em));
+    const uint32x4_t sign = vandq_u32(vreinterpretq_u32_f32(x), vdupq_n_u32(0x80000000u));
+    return vreinterpretq_f32_u32(vorrq_u32(vreinterpretq_u32_f32(t), sign));
+  }
+
+  static V LoadF32(const uint8_t* row, int c) {
+    return vld1q_f32(reinterpret_cast<const float*>(row) + 4 * c);
+  }
+  static V LoadBF16(const uint8_t* row, int c) {
+    const uint16x4_t h = vld1_u16(reinterpret_cast<const uint16_t*>(row) + 4 * c);
+    return vreinterpretq_f32_u32(vshll_n_u16(h, 16));
+  }
+  static V LoadF16(const uint8_t* row, int c) {
+    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(reinterpret_cast<const uint16_t*>(row) + 4 * c)));
+  }
+  static V LoadU8(const uint8_t* row, int c) {
+    uint32_t word;
+    std::memcpy(&word, row + 4 * c, 4);
+    const uint8x8_t b = vreinterpret_u8_u32(vdup_n_u32(word));
+    return vcvtq_f32_u32(vmovl_u16(vget_low_u16(vmovl_u8(b))));
+  }
+  static void Table16(const float* base, float mul, float add, float* out) {
+    for (int q = 0; q < 4; ++q) {
+      vst1q_f32(out + 4 * q, vfmaq_f32(vdupq_n_f32(add), vld1q_f32(base + 4 * q), vdupq_n_f32(mul)));
+    }
+  }
+
+  // kLut lanes (attention_format.h, LutGeometry): 4 words per chunk.
+  struct LutPlan {
+    int32_t byte_offset;
+    int32_t bytes;         // code bytes of the chunk's words
+    uint8x16_t gather;     // word bytes -> lane dwords (255: zero)
+    int32x4_t shift;       // negative: right shifts
+  };
+  static bool LutFits(const Segment& seg) { return kvjax::LutFits(seg, 4); }
+  static int LutChannel(const Segment& seg, int lane) { return kvjax::LutChannel(seg, 4, lane); }
+  static void PlanLut(const Segment& seg, int c, LutPlan* plan) {
+    const int word_bytes = seg.bits == 3 ? 3 : 4;
+    uint8_t gather[16];
+    int32_t shift[4];
+    int first = 0;
+    for (int l = 0; l < 4; ++l) {
+      int word, code;
+      LutLane(seg, 4, c, l, &word, &code);
+      if (l == 0) first = word;
+      for (int b = 0; b < 4; ++b) {
+        gather[4 * l + b] = b < word_bytes ? static_cast<uint8_t>((word - first) * word_bytes + b) : 255;
+      }
+      shift[l] = -code * seg.bits;
+    }
+    plan->byte_offset = seg.code_offset + first * word_bytes;
+    plan->bytes = LutGeometryOf(seg, 4).chunk_words * word_bytes;
+    plan->gather = vld1q_u8(gather);
+    plan->shift = vld1q_s32(shift);
+  }
+  static V LoadLut(const uint8_t* row, const LutPlan& p, const float* table) {
+    uint8_t bytes[16] = {};
+    std::memcpy(bytes, row + p.byte_offset, p.bytes);  // never past the row
+    const uint32x4_t words = vreinterpretq_u32_u8(vqtbl1q_u8(vld1q_u8(bytes), p.gather));
+    const uint32x4_t index = vandq_u32(vshlq_u32(words, p.shift), vdupq_n_u32(15));
+    // Byte j of lane l: byte j of entry index[l].
+    const uint32x4_t lookup = vaddq_u32(vmulq_n_u32(index, 0x04040404u), vdupq_n_u32(0x03020100u));
+    const uint8x16x4_t entries = vld1q_u8_x4(reinterpret_cast<const uint8_t*>(table));
+    return vreinterpretq_f32_u8(vqtbl4q_u8(entries, vreinterpretq_u8_u32(lookup)));
+  }
+};
+
+#include "attention_simd.h"
+
+}  // namespace
+
+void AttendRun(const RunArgs& a, const Partial& out) { SimdAttendRun(a, out); }
+
+}  // namespace kvjax::neon
