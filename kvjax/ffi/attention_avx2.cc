@@ -1,7 +1,6 @@
 // Decode attention, AVX2 + FMA + F16C: 8 lanes. kLut formats spread their
 // packed codes as in attention_format.h (LutGeometry, 8 words per chunk) and
-// look them up with vpermps: one permute for tables of up to 8 entries, two
-// and a blend on bit 3 for 16.
+// look them up in the 16-entry table with two vpermps and a blend on bit 3.
 #include <immintrin.h>
 
 #include <cmath>
@@ -18,6 +17,8 @@
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #endif
 
+#define KVJAX_ISA_INLINE inline __attribute__((always_inline))
+
 namespace kvjax::avx2 {
 namespace {
 
@@ -26,6 +27,8 @@ struct Isa {
   using V = __m256;
   using Mask = __m256;  // all-ones lanes
 
+  // An asm statement: GCC deletes loops of __builtin_prefetch alone.
+  static void Prefetch(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p))); }
   static V Load(const float* p) { return _mm256_loadu_ps(p); }
   static void Store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V Zero() { return _mm256_setzero_ps(); }
@@ -37,6 +40,7 @@ struct Isa {
   static V Max(V a, V b) { return _mm256_max_ps(a, b); }
   static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V Select(Mask m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
+  static Mask RowMask(bool on) { return _mm256_castsi256_ps(_mm256_set1_epi32(on ? -1 : 0)); }
 
   static Mask SpanMask(int t, int vb, int ve) {
     const __m256i lane = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
@@ -68,7 +72,7 @@ struct Isa {
     return _mm_cvtss_f32(_mm_max_ss(q, _mm_movehdup_ps(q)));
   }
   // Lane i of the result: the sum of the lanes of x[i].
-  static V ReduceTile(V* x) {
+  static KVJAX_ISA_INLINE V ReduceTile(V* x) {
     const V t0 = _mm256_hadd_ps(x[0], x[1]), t1 = _mm256_hadd_ps(x[2], x[3]);
     const V t2 = _mm256_hadd_ps(x[4], x[5]), t3 = _mm256_hadd_ps(x[6], x[7]);
     const V u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
@@ -134,32 +138,32 @@ struct Isa {
   }
 
   // kLut lanes (attention_format.h, LutGeometry): 8 words per chunk.
-  struct LutPlan {
+  using Words = __m256i;
+  struct LutBlock {
     int32_t byte_offset;
     int32_t words;
-    bool three_bit, four_bit;
-    __m256i spread, shift;
+    bool three_bit;
+    __m256i spread;
   };
-  static bool LutFits(const Segment& seg) { return kvjax::LutFits(seg, 8); }
-  static int LutChannel(const Segment& seg, int lane) { return kvjax::LutChannel(seg, 8, lane); }
-  static void PlanLut(const Segment& seg, int c, LutPlan* plan) {
-    alignas(32) int32_t spread[8], shift[8];
-    int first = 0;
+  static void PlanBlock(const Segment& seg, int b, LutBlock* block) {
+    const LutGeometry g = LutGeometryOf(seg, 8);
+    alignas(32) int32_t spread[8];
+    for (int l = 0; l < 8; ++l) spread[l] = l % g.chunk_words;
+    block->words = g.chunk_words;
+    block->three_bit = seg.bits == 3;
+    block->byte_offset = seg.code_offset + 8 * b * (seg.bits == 3 ? 3 : 4);
+    block->spread = _mm256_load_si256(reinterpret_cast<const __m256i*>(spread));
+  }
+  static Words PlanShift(const Segment& seg, int it) {
+    alignas(32) int32_t shift[8];
     for (int l = 0; l < 8; ++l) {
       int word, code;
-      LutLane(seg, 8, c, l, &word, &code);
-      if (l == 0) first = word;
-      spread[l] = word - first;
+      LutLane(seg, 8, it, l, &word, &code);
       shift[l] = code * seg.bits;
     }
-    plan->words = LutGeometryOf(seg, 8).chunk_words;
-    plan->three_bit = seg.bits == 3;
-    plan->four_bit = seg.bits == 4;
-    plan->byte_offset = seg.code_offset + first * (seg.bits == 3 ? 3 : 4);
-    plan->spread = _mm256_load_si256(reinterpret_cast<const __m256i*>(spread));
-    plan->shift = _mm256_load_si256(reinterpret_cast<const __m256i*>(shift));
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(shift));
   }
-  static __m256i Words(const uint8_t* row, const LutPlan& p) {
+  static KVJAX_ISA_INLINE Words LutWords(const uint8_t* row, const LutBlock& p) {
     const uint8_t* src = row + p.byte_offset;
     if (!p.three_bit) {
       if (p.words == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
@@ -179,10 +183,11 @@ struct Isa {
     const __m256i groups = _mm256_shuffle_epi8(v, _mm256_broadcastsi128_si256(pattern));
     return p.words == 8 ? groups : _mm256_permutevar8x32_epi32(groups, p.spread);
   }
-  static V LoadLut(const uint8_t* row, const LutPlan& p, const float* table) {
-    const __m256i index = _mm256_srlv_epi32(Words(row, p), p.shift);
+  // A 16-entry table is two permutes and a blend on index bit 3; tables of
+  // up to 8 entries repeat, so one permute (of the low 3 bits) reads them.
+  static KVJAX_ISA_INLINE V LutLookup(Words words, Words shift, const float* table) {
+    const __m256i index = _mm256_srlv_epi32(words, shift);
     const V low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), index);
-    if (!p.four_bit) return low;  // tables of <= 8 entries repeat: bit 3 is moot
     const V high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), index);
     return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
   }

@@ -1,7 +1,7 @@
 // Decode attention, AVX-512 (F, BW, DQ, VL): 16 lanes. kLut formats look a
 // token's codes up in its 16-entry value table with one permute per 16 lanes
-// (vpermps), after spreading the packed codes so that each 32-bit lane holds
-// its code in the low bits (see PlanLut).
+// (vpermps), after one variable shift puts each lane's code in the low bits
+// of its word (attention_format.h, LutGeometry; PlanBlock, PlanShift).
 #include <immintrin.h>
 
 #include <cmath>
@@ -18,6 +18,8 @@
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"))), apply_to = function)
 #endif
 
+#define KVJAX_ISA_INLINE inline __attribute__((always_inline))
+
 namespace kvjax::avx512 {
 namespace {
 
@@ -26,6 +28,8 @@ struct Isa {
   using V = __m512;
   using Mask = __mmask16;
 
+  // An asm statement: GCC deletes loops of __builtin_prefetch alone.
+  static void Prefetch(const void* p) { asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p))); }
   static V Load(const float* p) { return _mm512_loadu_ps(p); }
   static void Store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V Zero() { return _mm512_setzero_ps(); }
@@ -37,6 +41,7 @@ struct Isa {
   static V Max(V a, V b) { return _mm512_max_ps(a, b); }
   static V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V Select(Mask m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
+  static Mask RowMask(bool on) { return static_cast<Mask>(on ? 0xFFFF : 0); }
 
   // Lanes j with vb <= t + j < ve.
   static Mask SpanMask(int t, int vb, int ve) {
@@ -68,7 +73,7 @@ struct Isa {
     return _mm_cvtss_f32(_mm_max_ss(q, _mm_movehdup_ps(q)));
   }
   // Lane i of the result: the sum of the lanes of x[i].
-  static V ReduceTile(V* x) {
+  static KVJAX_ISA_INLINE V ReduceTile(V* x) {
     V a[8], b[4];
     for (int i = 0; i < 8; ++i) {
       a[i] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]),
@@ -139,33 +144,32 @@ struct Isa {
   }
 
   // kLut lanes (attention_format.h, LutGeometry): 16 words per chunk.
-  struct LutPlan {
-    int32_t byte_offset;  // of the chunk's first word in the code row
-    int32_t words;        // distinct words in the chunk (16, or repeated)
+  using Words = __m512i;
+  struct LutBlock {
+    int32_t byte_offset;  // of the block's first word in the code row
+    int32_t words;        // distinct words (16, or fewer repeated)
     bool three_bit;
-    __m512i spread;       // lane l reads word spread[l]
-    __m512i shift;        // ... shifted right by shift[l] bits
+    __m512i spread;       // lane l reads word spread[l] of the block
   };
-
-  static bool LutFits(const Segment& seg) { return kvjax::LutFits(seg, 16); }
-  static int LutChannel(const Segment& seg, int lane) { return kvjax::LutChannel(seg, 16, lane); }
-  static void PlanLut(const Segment& seg, int c, LutPlan* plan) {
-    alignas(64) int32_t spread[16], shift[16];
-    int first = 0;
+  static void PlanBlock(const Segment& seg, int b, LutBlock* block) {
+    const LutGeometry g = LutGeometryOf(seg, 16);
+    alignas(64) int32_t spread[16];
+    for (int l = 0; l < 16; ++l) spread[l] = l % g.chunk_words;
+    block->words = g.chunk_words;
+    block->three_bit = seg.bits == 3;
+    block->byte_offset = seg.code_offset + 16 * b * (seg.bits == 3 ? 3 : 4);
+    block->spread = _mm512_load_si512(spread);
+  }
+  static Words PlanShift(const Segment& seg, int it) {
+    alignas(64) int32_t shift[16];
     for (int l = 0; l < 16; ++l) {
       int word, code;
-      LutLane(seg, 16, c, l, &word, &code);
-      if (l == 0) first = word;
-      spread[l] = word - first;
+      LutLane(seg, 16, it, l, &word, &code);
       shift[l] = code * seg.bits;
     }
-    plan->words = LutGeometryOf(seg, 16).chunk_words;
-    plan->three_bit = seg.bits == 3;
-    plan->byte_offset = seg.code_offset + first * (seg.bits == 3 ? 3 : 4);
-    plan->spread = _mm512_load_si512(spread);
-    plan->shift = _mm512_load_si512(shift);
+    return _mm512_load_si512(shift);
   }
-  static __m512i Words(const uint8_t* row, const LutPlan& p) {
+  static KVJAX_ISA_INLINE Words LutWords(const uint8_t* row, const LutBlock& p) {
     const uint8_t* src = row + p.byte_offset;
     if (!p.three_bit) {
       if (p.words == 16) return _mm512_loadu_si512(src);
@@ -186,9 +190,8 @@ struct Isa {
         0, 1, 2, -128, 3, 4, 5, -128, 6, 7, 8, -128, 9, 10, 11, -128)));
     return p.words == 16 ? groups : _mm512_permutexvar_epi32(p.spread, groups);
   }
-  static V LoadLut(const uint8_t* row, const LutPlan& p, const float* table) {
-    const __m512i index = _mm512_srlv_epi32(Words(row, p), p.shift);
-    return _mm512_permutexvar_ps(index, _mm512_loadu_ps(table));
+  static KVJAX_ISA_INLINE V LutLookup(Words words, Words shift, const float* table) {
+    return _mm512_permutexvar_ps(_mm512_srlv_epi32(words, shift), _mm512_loadu_ps(table));
   }
 };
 

@@ -19,6 +19,8 @@ struct Isa {
   using V = float32x4_t;
   using Mask = uint32x4_t;
 
+  // An asm statement: GCC deletes loops of __builtin_prefetch alone.
+  static void Prefetch(const void* p) { asm volatile("prfm pldl1keep, %0" : : "Q"(*static_cast<const char*>(p))); }
   static V Load(const float* p) { return vld1q_f32(p); }
   static void Store(float* p, V v) { vst1q_f32(p, v); }
   static V Zero() { return vdupq_n_f32(0.0f); }
@@ -30,6 +32,7 @@ struct Isa {
   static V Max(V a, V b) { return vmaxq_f32(a, b); }
   static V Fma(V a, V b, V c) { return vfmaq_f32(c, a, b); }
   static V Select(Mask m, V a, V b) { return vbslq_f32(m, a, b); }
+  static Mask RowMask(bool on) { return vdupq_n_u32(on ? 0xFFFFFFFFu : 0u); }
 
   static Mask SpanMask(int t, int vb, int ve) {
     const int32_t iota[4] = {0, 1, 2, 3};
@@ -104,39 +107,43 @@ struct Isa {
   }
 
   // kLut lanes (attention_format.h, LutGeometry): 4 words per chunk.
-  struct LutPlan {
+  using Words = uint32x4_t;
+  struct LutBlock {
     int32_t byte_offset;
-    int32_t bytes;         // code bytes of the chunk's words
-    uint8x16_t gather;     // word bytes -> lane dwords (255: zero)
-    int32x4_t shift;       // negative: right shifts
+    int32_t bytes;       // code bytes of the block's words
+    uint8x16_t gather;   // word bytes -> lane dwords (255: zero)
   };
-  static bool LutFits(const Segment& seg) { return kvjax::LutFits(seg, 4); }
-  static int LutChannel(const Segment& seg, int lane) { return kvjax::LutChannel(seg, 4, lane); }
-  static void PlanLut(const Segment& seg, int c, LutPlan* plan) {
+  static void PlanBlock(const Segment& seg, int b, LutBlock* block) {
+    const LutGeometry g = LutGeometryOf(seg, 4);
     const int word_bytes = seg.bits == 3 ? 3 : 4;
     uint8_t gather[16];
-    int32_t shift[4];
-    int first = 0;
+    for (int l = 0; l < 4; ++l) {
+      for (int k = 0; k < 4; ++k) {
+        gather[4 * l + k] = k < word_bytes ? static_cast<uint8_t>((l % g.chunk_words) * word_bytes + k) : 255;
+      }
+    }
+    block->byte_offset = seg.code_offset + 4 * b * word_bytes;
+    block->bytes = g.chunk_words * word_bytes;
+    block->gather = vld1q_u8(gather);
+  }
+  static Words PlanShift(const Segment& seg, int it) {
+    uint32_t shift[4];
     for (int l = 0; l < 4; ++l) {
       int word, code;
-      LutLane(seg, 4, c, l, &word, &code);
-      if (l == 0) first = word;
-      for (int b = 0; b < 4; ++b) {
-        gather[4 * l + b] = b < word_bytes ? static_cast<uint8_t>((word - first) * word_bytes + b) : 255;
-      }
-      shift[l] = -code * seg.bits;
+      LutLane(seg, 4, it, l, &word, &code);
+      shift[l] = static_cast<uint32_t>(-code * seg.bits);  // vshlq: negative = right
     }
-    plan->byte_offset = seg.code_offset + first * word_bytes;
-    plan->bytes = LutGeometryOf(seg, 4).chunk_words * word_bytes;
-    plan->gather = vld1q_u8(gather);
-    plan->shift = vld1q_s32(shift);
+    return vld1q_u32(shift);
   }
-  static V LoadLut(const uint8_t* row, const LutPlan& p, const float* table) {
+  static Words LutWords(const uint8_t* row, const LutBlock& p) {
     uint8_t bytes[16] = {};
     std::memcpy(bytes, row + p.byte_offset, p.bytes);  // never past the row
-    const uint32x4_t words = vreinterpretq_u32_u8(vqtbl1q_u8(vld1q_u8(bytes), p.gather));
-    const uint32x4_t index = vandq_u32(vshlq_u32(words, p.shift), vdupq_n_u32(15));
-    // Byte j of lane l: byte j of entry index[l].
+    return vreinterpretq_u32_u8(vqtbl1q_u8(vld1q_u8(bytes), p.gather));
+  }
+  static V LutLookup(Words words, Words shift, const float* table) {
+    const uint32x4_t index = vandq_u32(vshlq_u32(words, vreinterpretq_s32_u32(shift)),
+                                       vdupq_n_u32(15));
+    // Byte k of lane l: byte k of entry index[l].
     const uint32x4_t lookup = vaddq_u32(vmulq_n_u32(index, 0x04040404u), vdupq_n_u32(0x03020100u));
     const uint8x16x4_t entries = vld1q_u8_x4(reinterpret_cast<const uint8_t*>(table));
     return vreinterpretq_f32_u8(vqtbl4q_u8(entries, vreinterpretq_u8_u32(lookup)));

@@ -45,11 +45,16 @@ class Arena {
   char* next_;
 };
 
+#define KVJAX_INLINE inline __attribute__((always_inline))
+
+constexpr int kMaxLutBlocks = 16;
+
 template <ValueKind kKind>
 class SimdRun {
  public:
   using V = typename Isa::V;
   using M = typename Isa::Mask;
+  using W = typename Isa::Words;
   static constexpr int L = Isa::kLanes;
   static constexpr int kBlock = 64;  // tokens per block: a multiple of L
 
@@ -83,6 +88,15 @@ class SimdRun {
     float correction; // of the accumulator, this block
   };
 
+  // A kLut segment in the kernel's lane order: `blocks` groups of words,
+  // each read once per token and looked up `iterations` times (one chunk of
+  // L lanes each, with that iteration's shifts).
+  struct LutSegment {
+    int first_chunk, blocks, iterations;
+    typename Isa::LutBlock block[kMaxLutBlocks];
+    typename Isa::Words shift[32];
+  };
+
   void Setup() {
     // Lane order: lane i of the kernel holds natural lane perm_[i].
     for (int i = 0; i < lanes_; ++i) perm_[i] = i;
@@ -90,23 +104,20 @@ class SimdRun {
       for (int s = 0; s < f_.num_segments; ++s) {
         const Segment& seg = f_.segments[s];
         for (int i = 0; i < seg.channels; ++i) {
-          perm_[seg.lane_offset + i] = seg.lane_offset + Isa::LutChannel(seg, i);
+          perm_[seg.lane_offset + i] = seg.lane_offset + LutChannel(seg, L, i);
         }
-        for (int c = 0; c < seg.channels / L; ++c) {
-          Isa::PlanLut(seg, c, &plans_[seg.lane_offset / L + c]);
-          plan_segment_[seg.lane_offset / L + c] = s;
-        }
+        const LutGeometry g = LutGeometryOf(seg, L);
+        LutSegment& ls = segs_[s];
+        ls.first_chunk = seg.lane_offset / L;
+        ls.iterations = g.iterations;
+        ls.blocks = seg.channels / L / g.iterations;
+        for (int b = 0; b < ls.blocks; ++b) Isa::PlanBlock(seg, b, &ls.block[b]);
+        for (int it = 0; it < g.iterations; ++it) ls.shift[it] = Isa::PlanShift(seg, it);
         // The codebook repeated to 16 entries (q4: 0 .. 15).
         for (int i = 0; i < 16; ++i) {
           base_[s][i] = seg.norm_index < 0 ? static_cast<float>(i % 16)
                                            : f_.tables[seg.table_offset + i % (1 << seg.bits)];
         }
-      }
-      // Lanes that no segment covers (turbo1p's empty mse lanes) read as 0.
-      for (int c = 0; c < chunks_; ++c) covered_[c] = 0;
-      for (int s = 0; s < f_.num_segments; ++s) {
-        const Segment& seg = f_.segments[s];
-        for (int c = 0; c < seg.channels / L; ++c) covered_[seg.lane_offset / L + c] = 1;
       }
     }
     for (int r = 0; r < rows_; ++r) {
@@ -127,21 +138,18 @@ class SimdRun {
     }
   }
 
-  // Decoded chunk `c` of the token in `slot` of tier `d`; `table` is its
-  // per-token tables (kLut).
-  V Decode(const TierData& d, int64_t slot, int c, const float* table) const {
-    const uint8_t* row = d.data + slot * f_.row_bytes;
-    switch (kKind) {
-      case ValueKind::kF32: return Isa::LoadF32(row, c);
-      case ValueKind::kBF16: return Isa::LoadBF16(row, c);
-      case ValueKind::kF16: return Isa::LoadF16(row, c);
-      case ValueKind::kQ8:  // dequantized, as materialize: c * scale + zero
-        return Isa::Fma(Isa::LoadU8(row, c), Isa::Set1(d.scale[slot]), Isa::Set1(d.zero[slot]));
-      case ValueKind::kLut:
-        if (!covered_[c]) return Isa::Zero();
-        return Isa::LoadLut(row, plans_[c], table + 16 * plan_segment_[c]);
-    }
-    return Isa::Zero();
+  const uint8_t* RowOf(const TierData& d, int64_t slot) const {
+    return d.data + slot * f_.row_bytes;
+  }
+
+  // Chunk `c` of a token of a raw or q8 tier, as floats.
+  KVJAX_INLINE V Direct(const TierData& d, int64_t slot, int c) const {
+    const uint8_t* row = RowOf(d, slot);
+    if (kKind == ValueKind::kF32) return Isa::LoadF32(row, c);
+    if (kKind == ValueKind::kBF16) return Isa::LoadBF16(row, c);
+    if (kKind == ValueKind::kF16) return Isa::LoadF16(row, c);
+    // q8, dequantized as materialize does: c * scale + zero.
+    return Isa::Fma(Isa::LoadU8(row, c), Isa::Set1(d.scale[slot]), Isa::Set1(d.zero[slot]));
   }
 
   void Tables(const TierData& d, int64_t slot0, int n, float* out) const {
@@ -188,6 +196,24 @@ class SimdRun {
     Values(slot0, n);
   }
 
+  // Out of cache, the hardware prefetchers fall behind: each score tile asks
+  // for the tokens kAhead later (K and V rows, scales, norms), spread over
+  // the block rather than in bursts that fill every line-fill buffer.
+  static constexpr int kAhead = 2 * kBlock;
+  KVJAX_INLINE void Prefetch(int64_t slot, int count) const {
+    if (slot + count > a_.first_slot + a_.count) return;
+    const TierData* tiers[2] = {&a_.k, &a_.v};
+    for (const TierData* d : tiers) {
+      const char* begin = reinterpret_cast<const char*>(RowOf(*d, slot));
+      for (int64_t b = 0; b < count * f_.row_bytes; b += 64) Isa::Prefetch(begin + b);
+      if (d->scale && slot % 16 == 0) {
+        Isa::Prefetch(d->scale + slot);
+        Isa::Prefetch(d->zero + slot);
+      }
+      if (d->norms && slot % 16 == 0) Isa::Prefetch(d->norms + slot * f_.norm_count);
+    }
+  }
+
   // 3. scores_[r * kBlock + t] = q_r . k_t for every row and token.
   void Scores(int64_t slot0, int n) {
     int r0 = 0;
@@ -205,20 +231,49 @@ class SimdRun {
     const int per_token = 16 * f_.num_segments;
     for (int tt = 0; tt < n; tt += kTokens) {
       V x[L];
+#pragma GCC unroll 16
       for (int i = 0; i < L; ++i) x[i] = Isa::Zero();
       int64_t slot[kTokens];
       const float* table[kTokens];
+      if (r0 == 0) Prefetch(slot0 + tt + kAhead, kTokens);
+#pragma GCC unroll 16
       for (int j = 0; j < kTokens; ++j) {
         const int t = tt + j < n ? tt + j : n - 1;  // past the end: a repeat, unused
         slot[j] = slot0 + t;
-        table[j] = kKind == ValueKind::kLut ? k_tables_ + t * per_token : nullptr;
+        table[j] = k_tables_ + t * per_token;
       }
-      for (int c = 0; c < chunks_; ++c) {
-        V q[kRows];
-        for (int i = 0; i < kRows; ++i) q[i] = Isa::Load(&q_[(r0 + i) * lanes_ + c * L]);
-        for (int j = 0; j < kTokens; ++j) {
-          const V k = Decode(a_.k, slot[j], c, table[j]);
-          for (int i = 0; i < kRows; ++i) x[i * kTokens + j] = Isa::Fma(q[i], k, x[i * kTokens + j]);
+      if (kKind == ValueKind::kLut) {
+        for (int s = 0; s < f_.num_segments; ++s) {
+          const LutSegment& ls = segs_[s];
+          for (int b = 0; b < ls.blocks; ++b) {
+            W words[kTokens];
+#pragma GCC unroll 16
+            for (int j = 0; j < kTokens; ++j) words[j] = Isa::LutWords(RowOf(a_.k, slot[j]), ls.block[b]);
+            for (int it = 0; it < ls.iterations; ++it) {
+              const int c = ls.first_chunk + b * ls.iterations + it;
+              V q[kRows];
+#pragma GCC unroll 4
+              for (int i = 0; i < kRows; ++i) q[i] = Isa::Load(&q_[(r0 + i) * lanes_ + c * L]);
+#pragma GCC unroll 16
+              for (int j = 0; j < kTokens; ++j) {
+                const V k = Isa::LutLookup(words[j], ls.shift[it], table[j] + 16 * s);
+#pragma GCC unroll 4
+                for (int i = 0; i < kRows; ++i) x[i * kTokens + j] = Isa::Fma(q[i], k, x[i * kTokens + j]);
+              }
+            }
+          }
+        }
+      } else {
+        for (int c = 0; c < chunks_; ++c) {
+          V q[kRows];
+#pragma GCC unroll 4
+          for (int i = 0; i < kRows; ++i) q[i] = Isa::Load(&q_[(r0 + i) * lanes_ + c * L]);
+#pragma GCC unroll 16
+          for (int j = 0; j < kTokens; ++j) {
+            const V k = Direct(a_.k, slot[j], c);
+#pragma GCC unroll 4
+            for (int i = 0; i < kRows; ++i) x[i * kTokens + j] = Isa::Fma(q[i], k, x[i * kTokens + j]);
+          }
         }
       }
       alignas(64) float dots[L];
@@ -283,58 +338,111 @@ class SimdRun {
     for (; r0 < rows_; ++r0) ValueRows<1>(r0, slot0, n);
   }
 
+  // The tokens every active row of a tile sees, and those any sees.
+  struct TileSpan {
+    bool active[4];
+    int common_b, common_e, union_b, union_e;
+  };
+
   template <int kRows>
   void ValueRows(int r0, int64_t slot0, int n) {
-    bool active[kRows];
-    int common_b = 0, common_e = n, union_b = n, union_e = 0;
-    bool any = false;
+    TileSpan span{{false, false, false, false}, 0, n, n, 0};
+    bool any = false, all_active = true;
     for (int i = 0; i < kRows; ++i) {
       const Row& row = row_[r0 + i];
-      active[i] = row.active;
+      span.active[i] = row.active;
+      all_active = all_active && row.active;
       if (!row.active) continue;
       any = true;
-      common_b = row.vb > common_b ? row.vb : common_b;
-      common_e = row.ve < common_e ? row.ve : common_e;
-      union_b = row.vb < union_b ? row.vb : union_b;
-      union_e = row.ve > union_e ? row.ve : union_e;
+      span.common_b = row.vb > span.common_b ? row.vb : span.common_b;
+      span.common_e = row.ve < span.common_e ? row.ve : span.common_e;
+      span.union_b = row.vb < span.union_b ? row.vb : span.union_b;
+      span.union_e = row.ve > span.union_e ? row.ve : span.union_e;
     }
     if (!any) return;
-    bool all_active = true;
-    for (int i = 0; i < kRows; ++i) all_active = all_active && active[i];
-    if (!all_active || common_e < common_b) common_b = common_e = union_b;
-    int c = 0;
-    for (; c + 4 <= chunks_; c += 4) ValueTile<kRows, 4>(r0, c, slot0, active, common_b, common_e, union_b, union_e);
-    for (; c < chunks_; ++c) ValueTile<kRows, 1>(r0, c, slot0, active, common_b, common_e, union_b, union_e);
+    if (!all_active || span.common_e < span.common_b) span.common_b = span.common_e = span.union_b;
+    if (kKind == ValueKind::kLut) {
+      for (int s = 0; s < f_.num_segments; ++s) {
+        const LutSegment& ls = segs_[s];
+        for (int b = 0; b < ls.blocks; ++b) {
+          int it = 0;
+          for (; it + 4 <= ls.iterations; it += 4) ValueTile<kRows, 4>(r0, slot0, span, s, b, it);
+          for (; it < ls.iterations; ++it) ValueTile<kRows, 1>(r0, slot0, span, s, b, it);
+        }
+      }
+    } else {
+      int c = 0;
+      for (; c + 4 <= chunks_; c += 4) ValueTile<kRows, 4>(r0, slot0, span, -1, 0, c);
+      for (; c < chunks_; ++c) ValueTile<kRows, 1>(r0, slot0, span, -1, 0, c);
+    }
   }
 
+  // kChunks chunks of value lanes for kRows rows: chunks c0 .. c0 + kChunks
+  // (raw, q8), or iterations it0 .. of block b of segment s (kLut).
   template <int kRows, int kChunks>
-  void ValueTile(int r0, int c0, int64_t slot0, const bool* active, int common_b,
-                 int common_e, int union_b, int union_e) {
+  void ValueTile(int r0, int64_t slot0, const TileSpan& span, int s, int b, int it0) {
     V acc[kRows][kChunks];
+#pragma GCC unroll 4
     for (int i = 0; i < kRows; ++i) {
+#pragma GCC unroll 4
       for (int j = 0; j < kChunks; ++j) acc[i][j] = Isa::Zero();
     }
-    const int per_token = 16 * f_.num_segments;
-    for (int t = union_b; t < union_e; ++t) {
-      const float* table = kKind == ValueKind::kLut ? v_tables_ + t * per_token : nullptr;
+    const LutSegment* ls = s >= 0 ? &segs_[s] : nullptr;
+    const int c0 = ls ? ls->first_chunk + b * ls->iterations + it0 : it0;
+    // Tokens every row sees, then the edges, where each row selects.
+    for (int t = span.common_b; t < span.common_e; ++t) {
       V v[kChunks];
-      for (int j = 0; j < kChunks; ++j) v[j] = Decode(a_.v, slot0 + t, c0 + j, table);
-      const bool all = t >= common_b && t < common_e;
+      ValueChunks<kChunks>(slot0, t, ls, s, b, it0, c0, v);
+#pragma GCC unroll 4
       for (int i = 0; i < kRows; ++i) {
-        const Row& row = row_[r0 + i];
-        // Select: a token outside the row's span is never multiplied in.
-        if (!all && !(active[i] && t >= row.vb && t < row.ve)) continue;
         const V w = Isa::Set1(weights_[(r0 + i) * kBlock + t]);
+#pragma GCC unroll 4
         for (int j = 0; j < kChunks; ++j) acc[i][j] = Isa::Fma(w, v[j], acc[i][j]);
       }
     }
+    for (int edge = 0; edge < 2; ++edge) {
+      const int begin = edge == 0 ? span.union_b : span.common_e;
+      const int end = edge == 0 ? span.common_b : span.union_e;
+      for (int t = begin; t < end; ++t) {
+        V v[kChunks];
+        ValueChunks<kChunks>(slot0, t, ls, s, b, it0, c0, v);
+#pragma GCC unroll 4
+        for (int i = 0; i < kRows; ++i) {
+          const Row& row = row_[r0 + i];
+          // Select: a token outside the row's span is never multiplied in.
+          const M sees = Isa::RowMask(span.active[i] && t >= row.vb && t < row.ve);
+          const V w = Isa::Set1(weights_[(r0 + i) * kBlock + t]);
+#pragma GCC unroll 4
+          for (int j = 0; j < kChunks; ++j) {
+            acc[i][j] = Isa::Select(sees, Isa::Fma(w, v[j], acc[i][j]), acc[i][j]);
+          }
+        }
+      }
+    }
+#pragma GCC unroll 4
     for (int i = 0; i < kRows; ++i) {
-      if (!active[i]) continue;
+      if (!span.active[i]) continue;
       const V correction = Isa::Set1(row_[r0 + i].correction);
+#pragma GCC unroll 4
       for (int j = 0; j < kChunks; ++j) {
         float* p = &acc_[(r0 + i) * lanes_ + (c0 + j) * L];
         Isa::Store(p, Isa::Fma(Isa::Load(p), correction, acc[i][j]));
       }
+    }
+  }
+
+  template <int kChunks>
+  KVJAX_INLINE void ValueChunks(int64_t slot0, int t, const LutSegment* ls, int s, int b,
+                                int it0, int c0, V* v) const {
+    const int64_t slot = slot0 + t;
+    if (kKind == ValueKind::kLut) {
+      const W words = Isa::LutWords(RowOf(a_.v, slot), ls->block[b]);
+      const float* table = v_tables_ + t * 16 * f_.num_segments + 16 * s;
+#pragma GCC unroll 4
+      for (int j = 0; j < kChunks; ++j) v[j] = Isa::LutLookup(words, ls->shift[it0 + j], table);
+    } else {
+#pragma GCC unroll 4
+      for (int j = 0; j < kChunks; ++j) v[j] = Direct(a_.v, slot, c0 + j);
     }
   }
 
@@ -345,9 +453,7 @@ class SimdRun {
   int* perm_;
   float *q_, *acc_, *scores_, *weights_, *k_tables_, *v_tables_;
   Row* row_;
-  uint8_t covered_[64] = {};
-  typename Isa::LutPlan plans_[64];  // per chunk (lanes <= 64 chunks)
-  int plan_segment_[64] = {};
+  LutSegment segs_[kMaxSegments];
   float base_[kMaxSegments][16] = {};
 };
 
@@ -358,7 +464,9 @@ inline bool SimdFits(const TierFormat& f) {
   if (f.kind != ValueKind::kLut) return true;
   for (int s = 0; s < f.num_segments; ++s) {
     const Segment& seg = f.segments[s];
-    if (seg.lane_offset % Isa::kLanes != 0 || !Isa::LutFits(seg)) {
+    if (seg.lane_offset % Isa::kLanes != 0 || !LutFits(seg, Isa::kLanes)) return false;
+    const LutGeometry g = LutGeometryOf(seg, Isa::kLanes);
+    if (seg.channels / Isa::kLanes / g.iterations > kMaxLutBlocks) {
       return false;
     }
   }
