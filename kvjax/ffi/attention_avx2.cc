@@ -131,10 +131,6 @@ struct Isa {
     const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * c));
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
   }
-  static void Table16(const float* base, float mul, float add, float* out) {
-    for (int h = 0; h < 2; ++h) {
-      _mm256_storeu_ps(out + 8 * h, _mm256_fmadd_ps(_mm256_loadu_ps(base + 8 * h), Set1(mul), Set1(add)));
-    }
   }
 
   // kLut lanes (attention_format.h, LutGeometry): 8 words per chunk.
@@ -163,10 +159,12 @@ struct Isa {
     }
     return _mm256_load_si256(reinterpret_cast<const __m256i*>(shift));
   }
+  enum { kFullWords, kRepeatedWords, kThreeBitWords };
+  template <int kMode>
   static KVJAX_ISA_INLINE Words LutWords(const uint8_t* row, const LutBlock& p) {
     const uint8_t* src = row + p.byte_offset;
-    if (!p.three_bit) {
-      if (p.words == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    if (kMode == kFullWords) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    if (kMode == kRepeatedWords) {
       const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(p.words),
                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
       const __m256i w = _mm256_maskload_epi32(reinterpret_cast<const int*>(src), mask);
@@ -185,10 +183,16 @@ struct Isa {
   }
   // A 16-entry table is two permutes and a blend on index bit 3; tables of
   // up to 8 entries repeat, so one permute (of the low 3 bits) reads them.
-  static KVJAX_ISA_INLINE V LutLookup(Words words, Words shift, const float* table) {
+  struct Table {
+    V low, high;  // entries 0-7 and 8-15
+  };
+  static Table LoadTable(const float* entries) {
+    return {_mm256_loadu_ps(entries), _mm256_loadu_ps(entries + 8)};
+  }
+  static KVJAX_ISA_INLINE V LutLookup(Words words, Words shift, const Table& table) {
     const __m256i index = _mm256_srlv_epi32(words, shift);
-    const V low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), index);
-    const V high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), index);
+    const V low = _mm256_permutevar8x32_ps(table.low, index);
+    const V high = _mm256_permutevar8x32_ps(table.high, index);
     return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
   }
 };

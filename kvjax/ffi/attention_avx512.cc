@@ -139,9 +139,6 @@ struct Isa {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c));
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
   }
-  static void Table16(const float* base, float mul, float add, float* out) {
-    _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_loadu_ps(base), Set1(mul), Set1(add)));
-  }
 
   // kLut lanes (attention_format.h, LutGeometry): 16 words per chunk.
   using Words = __m512i;
@@ -169,10 +166,12 @@ struct Isa {
     }
     return _mm512_load_si512(shift);
   }
+  enum { kFullWords, kRepeatedWords, kThreeBitWords };
+  template <int kMode>
   static KVJAX_ISA_INLINE Words LutWords(const uint8_t* row, const LutBlock& p) {
     const uint8_t* src = row + p.byte_offset;
-    if (!p.three_bit) {
-      if (p.words == 16) return _mm512_loadu_si512(src);
+    if (kMode == kFullWords) return _mm512_loadu_si512(src);
+    if (kMode == kRepeatedWords) {
       const __m512i w = _mm512_maskz_loadu_epi32(static_cast<Mask>((1u << p.words) - 1), src);
       return _mm512_permutexvar_epi32(p.spread, w);
     }
@@ -190,8 +189,10 @@ struct Isa {
         0, 1, 2, -128, 3, 4, 5, -128, 6, 7, 8, -128, 9, 10, 11, -128)));
     return p.words == 16 ? groups : _mm512_permutexvar_epi32(p.spread, groups);
   }
-  static KVJAX_ISA_INLINE V LutLookup(Words words, Words shift, const float* table) {
-    return _mm512_permutexvar_ps(_mm512_srlv_epi32(words, shift), _mm512_loadu_ps(table));
+  using Table = V;  // the 16 entries
+  static V LoadTable(const float* entries) { return _mm512_loadu_ps(entries); }
+  static KVJAX_ISA_INLINE V LutLookup(Words words, Words shift, Table table) {
+    return _mm512_permutexvar_ps(_mm512_srlv_epi32(words, shift), table);
   }
 };
 

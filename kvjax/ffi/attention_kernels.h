@@ -97,7 +97,8 @@ struct RunArgs {
 // Scratch bytes a run of `rows` rows over format `f` may use.
 inline size_t RunScratchBytes(const TierFormat& f, int rows) {
   const size_t lanes = f.lanes, block = 64, r = rows;
-  const size_t floats = 2 * r * lanes + 2 * r * block + 2 * r + 2 * block * 16 * kMaxSegments;
+  const size_t floats = 2 * r * lanes + 2 * r * block * kMaxSegments + 2 * r +
+                        2 * block * kMaxSegments;
   return 4 * floats + 4 * lanes + 32 * r + 64 * 16;
 }
 

@@ -100,10 +100,6 @@ struct Isa {
     const uint8x8_t b = vreinterpret_u8_u32(vdup_n_u32(word));
     return vcvtq_f32_u32(vmovl_u16(vget_low_u16(vmovl_u8(b))));
   }
-  static void Table16(const float* base, float mul, float add, float* out) {
-    for (int q = 0; q < 4; ++q) {
-      vst1q_f32(out + 4 * q, vfmaq_f32(vdupq_n_f32(add), vld1q_f32(base + 4 * q), vdupq_n_f32(mul)));
-    }
   }
 
   // kLut lanes (attention_format.h, LutGeometry): 4 words per chunk.
@@ -135,18 +131,23 @@ struct Isa {
     }
     return vld1q_u32(shift);
   }
+  enum { kFullWords, kRepeatedWords, kThreeBitWords };  // one gather for all
+  template <int kMode>
   static Words LutWords(const uint8_t* row, const LutBlock& p) {
     uint8_t bytes[16] = {};
     std::memcpy(bytes, row + p.byte_offset, p.bytes);  // never past the row
     return vreinterpretq_u32_u8(vqtbl1q_u8(vld1q_u8(bytes), p.gather));
   }
-  static V LutLookup(Words words, Words shift, const float* table) {
+  using Table = uint8x16x4_t;  // the 16 entries' bytes
+  static Table LoadTable(const float* entries) {
+    return vld1q_u8_x4(reinterpret_cast<const uint8_t*>(entries));
+  }
+  static V LutLookup(Words words, Words shift, const Table& table) {
     const uint32x4_t index = vandq_u32(vshlq_u32(words, vreinterpretq_s32_u32(shift)),
                                        vdupq_n_u32(15));
     // Byte k of lane l: byte k of entry index[l].
     const uint32x4_t lookup = vaddq_u32(vmulq_n_u32(index, 0x04040404u), vdupq_n_u32(0x03020100u));
-    const uint8x16x4_t entries = vld1q_u8_x4(reinterpret_cast<const uint8_t*>(table));
-    return vreinterpretq_f32_u8(vqtbl4q_u8(entries, vreinterpretq_u8_u32(lookup)));
+    return vreinterpretq_f32_u8(vqtbl4q_u8(table, vreinterpretq_u8_u32(lookup)));
   }
 };
 

@@ -65,10 +65,12 @@ class SimdRun {
     perm_ = arena.Take<int>(lanes_);
     q_ = arena.Take<float>(static_cast<size_t>(rows_) * lanes_);
     acc_ = arena.Take<float>(static_cast<size_t>(rows_) * lanes_);
-    scores_ = arena.Take<float>(static_cast<size_t>(rows_) * kBlock);
-    weights_ = arena.Take<float>(static_cast<size_t>(rows_) * kBlock);
-    k_tables_ = arena.Take<float>(kBlock * 16 * kMaxSegments);
-    v_tables_ = arena.Take<float>(kBlock * 16 * kMaxSegments);
+    scores_ = arena.Take<float>(static_cast<size_t>(rows_) * kBlock * kMaxSegments);
+    weights_ = arena.Take<float>(static_cast<size_t>(rows_) * kBlock * kMaxSegments);
+    k_factors_ = arena.Take<float>(kBlock * kMaxSegments);
+    v_factors_ = arena.Take<float>(kBlock * kMaxSegments);
+    q_sum_ = arena.Take<float>(rows_);
+    zero_acc_ = arena.Take<float>(rows_);
     row_ = arena.Take<Row>(rows_);
   }
 
@@ -93,6 +95,7 @@ class SimdRun {
   // L lanes each, with that iteration's shifts).
   struct LutSegment {
     int first_chunk, blocks, iterations;
+    int mode;  // how its words load: Isa::kFullWords, kRepeatedWords, kThreeBitWords
     typename Isa::LutBlock block[kMaxLutBlocks];
     typename Isa::Words shift[32];
   };
@@ -111,6 +114,8 @@ class SimdRun {
         ls.first_chunk = seg.lane_offset / L;
         ls.iterations = g.iterations;
         ls.blocks = seg.channels / L / g.iterations;
+        ls.mode = seg.bits == 3 ? Isa::kThreeBitWords
+                  : g.chunk_words == L ? Isa::kFullWords : Isa::kRepeatedWords;
         for (int b = 0; b < ls.blocks; ++b) Isa::PlanBlock(seg, b, &ls.block[b]);
         for (int it = 0; it < g.iterations; ++it) ls.shift[it] = Isa::PlanShift(seg, it);
         // The codebook repeated to 16 entries (q4: 0 .. 15).
@@ -128,13 +133,22 @@ class SimdRun {
         acc_[r * lanes_ + i] = acc[perm_[i]];
       }
     }
-    for (size_t i = 0; i < static_cast<size_t>(rows_) * kBlock; ++i) scores_[i] = 0.0f;
+    const size_t score_floats = static_cast<size_t>(rows_) * kBlock * kMaxSegments;
+    for (size_t i = 0; i < score_floats; ++i) scores_[i] = 0.0f;
+    // q4's affine segment: logits s (q . c) + z sum(q), values p s c + p z.
+    affine_ = kKind == ValueKind::kLut && f_.segments[0].norm_index < 0;
+    for (int r = 0; r < rows_; ++r) {
+      q_sum_[r] = zero_acc_[r] = 0.0f;
+      if (affine_) {
+        for (int i = 0; i < lanes_; ++i) q_sum_[r] += a_.q[static_cast<int64_t>(r) * lanes_ + i];
+      }
+    }
   }
 
   void Finish() {
     for (int r = 0; r < rows_; ++r) {
       float* acc = out_.acc + static_cast<int64_t>(r) * lanes_;
-      for (int i = 0; i < lanes_; ++i) acc[perm_[i]] = acc_[r * lanes_ + i];
+      for (int i = 0; i < lanes_; ++i) acc[perm_[i]] = acc_[r * lanes_ + i] + zero_acc_[r];
     }
   }
 
@@ -152,20 +166,16 @@ class SimdRun {
     return Isa::Fma(Isa::LoadU8(row, c), Isa::Set1(d.scale[slot]), Isa::Set1(d.zero[slot]));
   }
 
-  void Tables(const TierData& d, int64_t slot0, int n, float* out) const {
-    const int per_token = 16 * f_.num_segments;
-    for (int t = 0; t < n; ++t) {
-      const int64_t slot = slot0 + t;
-      for (int s = 0; s < f_.num_segments; ++s) {
-        const Segment& seg = f_.segments[s];
-        float mul, add = 0.0f;
-        if (seg.norm_index < 0) {
-          mul = d.scale[slot];
-          add = d.zero[slot];
-        } else {
-          mul = SegmentFactor(f_, d, slot, seg);
-        }
-        Isa::Table16(base_[s], mul, add, out + t * per_token + 16 * s);
+  // Per-token factors of each kLut segment's values (norms, QJL
+  // coefficients; q4: the scales), out[s * kBlock + t].
+  void Factors(const TierData& d, int64_t slot0, int n, float* out) const {
+    for (int s = 0; s < f_.num_segments; ++s) {
+      const Segment& seg = f_.segments[s];
+      float* f = out + s * kBlock;
+      if (seg.norm_index < 0) {
+        for (int t = 0; t < n; ++t) f[t] = d.scale[slot0 + t];
+      } else {
+        for (int t = 0; t < n; ++t) f[t] = SegmentFactor(f_, d, slot0 + t, seg);
       }
     }
   }
@@ -188,11 +198,11 @@ class SimdRun {
     if (!any) return;
     const int64_t slot0 = a_.first_slot + t0;
     if (kKind == ValueKind::kLut) {
-      Tables(a_.k, slot0, n, k_tables_);
-      Tables(a_.v, slot0, n, v_tables_);
+      Factors(a_.k, slot0, n, k_factors_);
+      Factors(a_.v, slot0, n, v_factors_);
     }
     Scores(slot0, n);
-    Softmax(n);
+    Softmax(slot0, n);
     Values(slot0, n);
   }
 
@@ -228,76 +238,111 @@ class SimdRun {
     for (int i = 0; i < kRows; ++i) needed = needed || row_[r0 + i].active;
     if (!needed) return;
     constexpr int kTokens = L / kRows;
-    const int per_token = 16 * f_.num_segments;
     for (int tt = 0; tt < n; tt += kTokens) {
+      int64_t slot[kTokens];
+      if (r0 == 0) Prefetch(slot0 + tt + kAhead, kTokens);
+#pragma GCC unroll 16
+      for (int j = 0; j < kTokens; ++j) slot[j] = slot0 + (tt + j < n ? tt + j : n - 1);
+      // (A token past the end is a repeat of the last one, its dots unused.)
+      if (kKind == ValueKind::kLut) {
+        for (int s = 0; s < f_.num_segments; ++s) {
+          switch (segs_[s].mode) {
+            case Isa::kFullWords: ScoreLut<kRows, Isa::kFullWords>(r0, s, tt, n, slot); break;
+            case Isa::kRepeatedWords: ScoreLut<kRows, Isa::kRepeatedWords>(r0, s, tt, n, slot); break;
+            default: ScoreLut<kRows, Isa::kThreeBitWords>(r0, s, tt, n, slot); break;
+          }
+        }
+        continue;
+      }
       V x[L];
 #pragma GCC unroll 16
       for (int i = 0; i < L; ++i) x[i] = Isa::Zero();
-      int64_t slot[kTokens];
-      const float* table[kTokens];
-      if (r0 == 0) Prefetch(slot0 + tt + kAhead, kTokens);
-#pragma GCC unroll 16
-      for (int j = 0; j < kTokens; ++j) {
-        const int t = tt + j < n ? tt + j : n - 1;  // past the end: a repeat, unused
-        slot[j] = slot0 + t;
-        table[j] = k_tables_ + t * per_token;
-      }
-      if (kKind == ValueKind::kLut) {
-        for (int s = 0; s < f_.num_segments; ++s) {
-          const LutSegment& ls = segs_[s];
-          for (int b = 0; b < ls.blocks; ++b) {
-            W words[kTokens];
-#pragma GCC unroll 16
-            for (int j = 0; j < kTokens; ++j) words[j] = Isa::LutWords(RowOf(a_.k, slot[j]), ls.block[b]);
-            for (int it = 0; it < ls.iterations; ++it) {
-              const int c = ls.first_chunk + b * ls.iterations + it;
-              V q[kRows];
+      for (int c = 0; c < chunks_; ++c) {
+        V q[kRows];
 #pragma GCC unroll 4
-              for (int i = 0; i < kRows; ++i) q[i] = Isa::Load(&q_[(r0 + i) * lanes_ + c * L]);
+        for (int i = 0; i < kRows; ++i) q[i] = Isa::Load(&q_[(r0 + i) * lanes_ + c * L]);
 #pragma GCC unroll 16
-              for (int j = 0; j < kTokens; ++j) {
-                const V k = Isa::LutLookup(words[j], ls.shift[it], table[j] + 16 * s);
+        for (int j = 0; j < kTokens; ++j) {
+          const V k = Direct(a_.k, slot[j], c);
 #pragma GCC unroll 4
-                for (int i = 0; i < kRows; ++i) x[i * kTokens + j] = Isa::Fma(q[i], k, x[i * kTokens + j]);
-              }
-            }
-          }
-        }
-      } else {
-        for (int c = 0; c < chunks_; ++c) {
-          V q[kRows];
-#pragma GCC unroll 4
-          for (int i = 0; i < kRows; ++i) q[i] = Isa::Load(&q_[(r0 + i) * lanes_ + c * L]);
-#pragma GCC unroll 16
-          for (int j = 0; j < kTokens; ++j) {
-            const V k = Direct(a_.k, slot[j], c);
-#pragma GCC unroll 4
-            for (int i = 0; i < kRows; ++i) x[i * kTokens + j] = Isa::Fma(q[i], k, x[i * kTokens + j]);
-          }
+          for (int i = 0; i < kRows; ++i) x[i * kTokens + j] = Isa::Fma(q[i], k, x[i * kTokens + j]);
         }
       }
-      alignas(64) float dots[L];
-      Isa::Store(dots, Isa::ReduceTile(x));
-      for (int i = 0; i < kRows; ++i) {
-        for (int j = 0; j < kTokens && tt + j < n; ++j) {
-          scores_[(r0 + i) * kBlock + tt + j] = dots[i * kTokens + j];
-        }
+      StoreDots<kRows>(x, r0, 0, tt, n);
+    }
+  }
+
+  // The dots of kRows rows x L / kRows tokens from the tile's accumulators.
+  template <int kRows>
+  KVJAX_INLINE void StoreDots(V* x, int r0, int s, int tt, int n) {
+    constexpr int kTokens = L / kRows;
+    alignas(64) float dots[L];
+    Isa::Store(dots, Isa::ReduceTile(x));
+    float* out = scores_ + static_cast<size_t>(s) * rows_ * kBlock;
+    for (int i = 0; i < kRows; ++i) {
+      for (int j = 0; j < kTokens && tt + j < n; ++j) {
+        out[(r0 + i) * kBlock + tt + j] = dots[i * kTokens + j];
       }
     }
   }
 
+  // One kLut segment's dots for a tile: each token's words read once per
+  // block, looked up once per iteration (chunk), the segment's table in
+  // registers.
+  template <int kRows, int kMode>
+  void ScoreLut(int r0, int s, int tt, int n, const int64_t* slot) {
+    constexpr int kTokens = L / kRows;
+    const LutSegment& ls = segs_[s];
+    const typename Isa::Table table = Isa::LoadTable(base_[s]);
+    V x[L];
+#pragma GCC unroll 16
+    for (int i = 0; i < L; ++i) x[i] = Isa::Zero();
+    for (int b = 0; b < ls.blocks; ++b) {
+      W words[kTokens];
+#pragma GCC unroll 16
+      for (int j = 0; j < kTokens; ++j) {
+        words[j] = Isa::template LutWords<kMode>(RowOf(a_.k, slot[j]), ls.block[b]);
+      }
+      for (int it = 0; it < ls.iterations; ++it) {
+        const int c = ls.first_chunk + b * ls.iterations + it;
+        const W shift = ls.shift[it];
+        V q[kRows];
+#pragma GCC unroll 4
+        for (int i = 0; i < kRows; ++i) q[i] = Isa::Load(&q_[(r0 + i) * lanes_ + c * L]);
+#pragma GCC unroll 16
+        for (int j = 0; j < kTokens; ++j) {
+          const V k = Isa::LutLookup(words[j], shift, table);
+#pragma GCC unroll 4
+          for (int i = 0; i < kRows; ++i) x[i * kTokens + j] = Isa::Fma(q[i], k, x[i * kTokens + j]);
+        }
+      }
+    }
+    StoreDots<kRows>(x, r0, s, tt, n);
+  }
+
   // 4. Softmax weights of the block; the state's max, denominator, flags.
-  void Softmax(int n) {
+  //    kLut: logits sum the segments' dots times their factors (q4: s dot +
+  //    z sum(q)), and each segment's value weights are p times its factor.
+  void Softmax(int64_t slot0, int n) {
     const V minus_inf = Isa::Set1(-__builtin_inff());
+    const size_t plane = static_cast<size_t>(rows_) * kBlock;
     for (int r = 0; r < rows_; ++r) {
       Row& row = row_[r];
       if (!row.active) continue;
       float* s = &scores_[r * kBlock];
-      float* w = &weights_[r * kBlock];
       V block_max = minus_inf;
       bool bad = false;
       for (int t = 0; t < n; t += L) {
         V x = Isa::Load(s + t);
+        if (kKind == ValueKind::kLut) {
+          x = Isa::Mul(x, Isa::Load(k_factors_ + t));
+          for (int g = 1; g < f_.num_segments; ++g) {
+            x = Isa::Fma(Isa::Load(s + g * plane + t), Isa::Load(k_factors_ + g * kBlock + t), x);
+          }
+          if (affine_) {
+            x = Isa::Fma(Isa::Set1(q_sum_[r]), Isa::LoadPartial(a_.k.zero + slot0 + t, n - t), x);
+          }
+        }
         if (a_.has_softcap) {
           const V c = Isa::Set1(a_.softcap);
           x = Isa::Mul(c, Isa::Tanh(Isa::Div(x, c)));
@@ -319,14 +364,27 @@ class SimdRun {
       const float shift = new_max == -__builtin_inff() ? 0.0f : new_max;
       row.correction = Isa::ExpScalar(old_max - shift);
       out_.max[r] = new_max;
-      V sum = Isa::Zero();
+      V sum = Isa::Zero(), zero_sum = Isa::Zero();
       const V shift_v = Isa::Set1(shift);
+      float* w = &weights_[r * kBlock];
       for (int t = 0; t < n; t += L) {
         const V p = Isa::Exp(Isa::Sub(Isa::Load(s + t), shift_v));  // masked: 0
         sum = Isa::Add(sum, p);
-        Isa::Store(w + t, p);
+        if (kKind == ValueKind::kLut) {
+          for (int g = 0; g < f_.num_segments; ++g) {
+            Isa::Store(w + g * plane + t, Isa::Mul(p, Isa::Load(v_factors_ + g * kBlock + t)));
+          }
+          if (affine_) {  // select: a masked token's zero (maybe NaN) never enters
+            const M visible = Isa::SpanMask(t, row.vb, row.ve);
+            zero_sum = Isa::Add(zero_sum, Isa::Select(
+                visible, Isa::Mul(p, Isa::LoadPartial(a_.v.zero + slot0 + t, n - t)), Isa::Zero()));
+          }
+        } else {
+          Isa::Store(w + t, p);
+        }
       }
       out_.denom[r] = out_.denom[r] * row.correction + Isa::ReduceAdd(sum);
+      zero_acc_[r] = zero_acc_[r] * row.correction + Isa::ReduceAdd(zero_sum);
     }
   }
 
@@ -365,21 +423,31 @@ class SimdRun {
       for (int s = 0; s < f_.num_segments; ++s) {
         const LutSegment& ls = segs_[s];
         for (int b = 0; b < ls.blocks; ++b) {
-          int it = 0;
-          for (; it + 4 <= ls.iterations; it += 4) ValueTile<kRows, 4>(r0, slot0, span, s, b, it);
-          for (; it < ls.iterations; ++it) ValueTile<kRows, 1>(r0, slot0, span, s, b, it);
+          switch (ls.mode) {
+            case Isa::kFullWords: ValueBlock<kRows, Isa::kFullWords>(r0, slot0, span, s, b); break;
+            case Isa::kRepeatedWords: ValueBlock<kRows, Isa::kRepeatedWords>(r0, slot0, span, s, b); break;
+            default: ValueBlock<kRows, Isa::kThreeBitWords>(r0, slot0, span, s, b); break;
+          }
         }
       }
     } else {
       int c = 0;
-      for (; c + 4 <= chunks_; c += 4) ValueTile<kRows, 4>(r0, slot0, span, -1, 0, c);
-      for (; c < chunks_; ++c) ValueTile<kRows, 1>(r0, slot0, span, -1, 0, c);
+      for (; c + 4 <= chunks_; c += 4) ValueTile<kRows, 4, 0>(r0, slot0, span, -1, 0, c);
+      for (; c < chunks_; ++c) ValueTile<kRows, 1, 0>(r0, slot0, span, -1, 0, c);
     }
+  }
+
+  template <int kRows, int kMode>
+  void ValueBlock(int r0, int64_t slot0, const TileSpan& span, int s, int b) {
+    const int iterations = segs_[s].iterations;
+    int it = 0;
+    for (; it + 4 <= iterations; it += 4) ValueTile<kRows, 4, kMode>(r0, slot0, span, s, b, it);
+    for (; it < iterations; ++it) ValueTile<kRows, 1, kMode>(r0, slot0, span, s, b, it);
   }
 
   // kChunks chunks of value lanes for kRows rows: chunks c0 .. c0 + kChunks
   // (raw, q8), or iterations it0 .. of block b of segment s (kLut).
-  template <int kRows, int kChunks>
+  template <int kRows, int kChunks, int kMode>
   void ValueTile(int r0, int64_t slot0, const TileSpan& span, int s, int b, int it0) {
     V acc[kRows][kChunks];
 #pragma GCC unroll 4
@@ -389,13 +457,15 @@ class SimdRun {
     }
     const LutSegment* ls = s >= 0 ? &segs_[s] : nullptr;
     const int c0 = ls ? ls->first_chunk + b * ls->iterations + it0 : it0;
+    const float* weights = weights_ + (s > 0 ? static_cast<size_t>(s) * rows_ * kBlock : 0);
+    const typename Isa::Table table = Isa::LoadTable(base_[ls ? s : 0]);
     // Tokens every row sees, then the edges, where each row selects.
     for (int t = span.common_b; t < span.common_e; ++t) {
       V v[kChunks];
-      ValueChunks<kChunks>(slot0, t, ls, s, b, it0, c0, v);
+      ValueChunks<kChunks, kMode>(slot0, t, ls, table, b, it0, c0, v);
 #pragma GCC unroll 4
       for (int i = 0; i < kRows; ++i) {
-        const V w = Isa::Set1(weights_[(r0 + i) * kBlock + t]);
+        const V w = Isa::Set1(weights[(r0 + i) * kBlock + t]);
 #pragma GCC unroll 4
         for (int j = 0; j < kChunks; ++j) acc[i][j] = Isa::Fma(w, v[j], acc[i][j]);
       }
@@ -405,13 +475,13 @@ class SimdRun {
       const int end = edge == 0 ? span.common_b : span.union_e;
       for (int t = begin; t < end; ++t) {
         V v[kChunks];
-        ValueChunks<kChunks>(slot0, t, ls, s, b, it0, c0, v);
+        ValueChunks<kChunks, kMode>(slot0, t, ls, table, b, it0, c0, v);
 #pragma GCC unroll 4
         for (int i = 0; i < kRows; ++i) {
           const Row& row = row_[r0 + i];
           // Select: a token outside the row's span is never multiplied in.
           const M sees = Isa::RowMask(span.active[i] && t >= row.vb && t < row.ve);
-          const V w = Isa::Set1(weights_[(r0 + i) * kBlock + t]);
+          const V w = Isa::Set1(weights[(r0 + i) * kBlock + t]);
 #pragma GCC unroll 4
           for (int j = 0; j < kChunks; ++j) {
             acc[i][j] = Isa::Select(sees, Isa::Fma(w, v[j], acc[i][j]), acc[i][j]);
@@ -431,13 +501,13 @@ class SimdRun {
     }
   }
 
-  template <int kChunks>
-  KVJAX_INLINE void ValueChunks(int64_t slot0, int t, const LutSegment* ls, int s, int b,
+  template <int kChunks, int kMode>
+  KVJAX_INLINE void ValueChunks(int64_t slot0, int t, const LutSegment* ls,
+                                const typename Isa::Table& table, int b,
                                 int it0, int c0, V* v) const {
     const int64_t slot = slot0 + t;
     if (kKind == ValueKind::kLut) {
-      const W words = Isa::LutWords(RowOf(a_.v, slot), ls->block[b]);
-      const float* table = v_tables_ + t * 16 * f_.num_segments + 16 * s;
+      const W words = Isa::template LutWords<kMode>(RowOf(a_.v, slot), ls->block[b]);
 #pragma GCC unroll 4
       for (int j = 0; j < kChunks; ++j) v[j] = Isa::LutLookup(words, ls->shift[it0 + j], table);
     } else {
@@ -451,7 +521,8 @@ class SimdRun {
   const TierFormat& f_;
   const int lanes_, chunks_, rows_;
   int* perm_;
-  float *q_, *acc_, *scores_, *weights_, *k_tables_, *v_tables_;
+  float *q_, *acc_, *scores_, *weights_, *k_factors_, *v_factors_, *q_sum_, *zero_acc_;
+  bool affine_ = false;
   Row* row_;
   LutSegment segs_[kMaxSegments];
   float base_[kMaxSegments][16] = {};
