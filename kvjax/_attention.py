@@ -282,17 +282,13 @@ def _attend_kernel(stack, cache, layer, query, order, block_size):
   spec = stack.spec
   d = spec.head_dim
   hot, store = _state.hot_format(spec), _state.store_format(spec)
-  # The kernel reads every leaf with a layer axis: a single cache gets one
-  # of size 1 (a reshape, no copy).
-  with_layers = (lambda a: a) if layer is not None else (lambda a: a[None])
-  counters = tuple(with_layers(c) for c in (stack.length, stack.evicted, stack.tail_count))
-  hot_leaves = tuple(with_layers(x.data) for x in (stack.sink_k, stack.sink_v,
-                                                   stack.tail_k, stack.tail_v))
-  store_leaves = [tuple(None if x is None else with_layers(x) for x in store.kernel_leaves(t))
-                  for t in (stack.store_k, stack.store_v)]
+  # The kernel reads the leaves as they are (a stack's with its layer axis).
+  counters = (stack.length, stack.evicted, stack.tail_count)
+  hot_leaves = tuple(x.data for x in (stack.sink_k, stack.sink_v, stack.tail_k, stack.tail_v))
+  store_leaves = [store.kernel_leaves(t) for t in (stack.store_k, stack.store_v)]
   q_store = store.flat_query(store.prepare_query(query.q, None if order is None else order[0]))
   out_hot, out_store = ffi.attend(
-      query.q, q_store, query.pos, counters, 0 if layer is None else layer,
+      query.q, q_store, query.pos, counters, layer,
       query.window, query.softcap, hot_leaves, *store_leaves,
       hot.kernel_layout(d), store.kernel_layout(d))
   return out_hot + store.finish(out_store, None if order is None else order[1])

@@ -122,10 +122,12 @@ def attend(q_hot, q_store, row_pos, counters, layer, window, softcap,
     q_hot: float32 `[H, R, D]`, scaled queries; `q_store`: `[H, R, A]`, the
       same in the store format's domain (`prepare_query`).
     row_pos: int32 `[R]` positions of the rows.
-    counters: (length, evicted, tail_count), each int32 `[L]`.
-    layer: int32 scalar; window (int32) and softcap (float32): scalars or
-      None.
-    hot_leaves: (sink_k, sink_v, tail_k, tail_v), `[L, H, slots, D]`.
+    counters: (length, evicted, tail_count), each int32 `[L]` for a stack of
+      L layer caches (`layer` selects one), or scalars for one cache.
+    layer: int32 scalar, or None for one cache; window (int32) and softcap
+      (float32): scalars or None.
+    hot_leaves: (sink_k, sink_v, tail_k, tail_v), `[L, H, slots, D]` (no L
+      for one cache).
     store_k, store_v: (data or codes, scale or norms, zero) of the store,
       `[L, H, slots, ...]`, unused ones None.
 
@@ -144,7 +146,7 @@ def attend(q_hot, q_store, row_pos, counters, layer, window, softcap,
   call = jax.ffi.ffi_call("kvjax_attend", out_types, vmap_method="expand_dims")
   segments = np.asarray(store.segments, np.int32).reshape(-1)
   return call(
-      q_hot, q_store, row_pos, *counters, jnp.asarray(layer, jnp.int32),
+      q_hot, q_store, row_pos, *counters, jnp.asarray(0 if layer is None else layer, jnp.int32),
       jnp.asarray(0 if window is None else window, jnp.int32),
       jnp.asarray(0.0 if softcap is None else softcap, jnp.float32),
       *hot_leaves, *fill(store_k), *fill(store_v),
@@ -153,4 +155,5 @@ def attend(q_hot, q_store, row_pos, counters, layer, window, softcap,
       norm_count=np.int32(store.norm_count), segments=segments,
       kappa_scales=np.asarray(store.kappa_scales, np.float32).reshape(-1),
       has_window=np.int32(window is not None),
-      has_softcap=np.int32(softcap is not None))
+      has_softcap=np.int32(softcap is not None),
+      has_layers=np.int32(layer is not None))

@@ -131,7 +131,6 @@ struct Isa {
     const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * c));
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
   }
-  }
 
   // kLut lanes (attention_format.h, LutGeometry): 8 words per chunk.
   using Words = __m256i;

@@ -2,6 +2,7 @@
 // place (any leading batch axes from vmap, size 1 where unbatched; a layer
 // axis, size 1 for a single cache), checks them, and hands an AttendProblem
 // to the driver with the selected variant's AttendRun.
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -25,12 +26,18 @@ std::string Shape(ffi::Span<const int64_t> dims) {
 
 // An operand with `core` trailing dims after the call's batch dims: for each
 // flattened batch index, its offset in elements (0 along axes of size 1).
+// With `no_layers`, the first core dim (the layer axis of a stack) is absent
+// and reads as 1: a single cache is passed as it is, since reshaping a loop-
+// carried buffer to add the axis makes XLA copy it on every step.
 class Batched {
  public:
   Batched(const char* name, ffi::Span<const int64_t> dims, int core,
-          const std::vector<int64_t>& batch, std::string* error)
+          const std::vector<int64_t>& batch, std::string* error, bool no_layers = false)
       : name_(name), dims_(dims.begin(), dims.end()) {
     const size_t nb = batch.size();
+    if (no_layers) {
+      dims_.insert(dims_.begin() + std::min(nb, dims_.size()), 1);
+    }
     if (dims_.size() != nb + core) {
       *error += std::string(name) + ": rank " + std::to_string(dims_.size()) + ", expected " +
                 std::to_string(nb + core) + " " + Shape(dims) + "; ";
@@ -106,7 +113,7 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_hot,
                       ffi::ResultBuffer<ffi::F32> out_store, int32_t hot_kind,
                       int32_t store_kind, int32_t norm_count,
                       ffi::Span<const int32_t> segments, ffi::Span<const float> kappa_scales,
-                      int32_t has_window, int32_t has_softcap) {
+                      int32_t has_window, int32_t has_softcap, int32_t has_layers) {
   const Selection& selection = ActiveKernels();
   if (!selection.kernels) {
     return ffi::Error::Internal("kvjax kernels not selected: " + selection.error);
@@ -114,30 +121,36 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_hot,
   const auto out_dims = out_hot->dimensions();
   if (out_dims.size() < 3) return ffi::Error::InvalidArgument("kvjax attend: out_hot rank < 3");
   const std::vector<int64_t> batch(out_dims.begin(), out_dims.end() - 3);
+  const bool no_layers = has_layers == 0;
   std::string error;
   const Batched bq_hot("q_hot", q_hot.dimensions(), 3, batch, &error);
   const Batched bq_store("q_store", q_store.dimensions(), 3, batch, &error);
   const Batched brow("row_pos", row_pos.dimensions(), 1, batch, &error);
-  const Batched blen("length", length.dimensions(), 1, batch, &error);
-  const Batched bev("evicted", evicted.dimensions(), 1, batch, &error);
-  const Batched btail("tail_count", tail_count.dimensions(), 1, batch, &error);
+  const Batched blen("length", length.dimensions(), 1, batch, &error, no_layers);
+  const Batched bev("evicted", evicted.dimensions(), 1, batch, &error, no_layers);
+  const Batched btail("tail_count", tail_count.dimensions(), 1, batch, &error, no_layers);
   const Batched blayer("layer", layer.dimensions(), 0, batch, &error);
   const Batched bwin("window", window.dimensions(), 0, batch, &error);
   const Batched bcap("softcap", softcap.dimensions(), 0, batch, &error);
-  const Batched bsk("sink_k", sink_k.dimensions(), 4, batch, &error);
-  const Batched bsv("sink_v", sink_v.dimensions(), 4, batch, &error);
-  const Batched btk("tail_k", tail_k.dimensions(), 4, batch, &error);
-  const Batched btv("tail_v", tail_v.dimensions(), 4, batch, &error);
+  const Batched bsk("sink_k", sink_k.dimensions(), 4, batch, &error, no_layers);
+  const Batched bsv("sink_v", sink_v.dimensions(), 4, batch, &error, no_layers);
+  const Batched btk("tail_k", tail_k.dimensions(), 4, batch, &error, no_layers);
+  const Batched btv("tail_v", tail_v.dimensions(), 4, batch, &error, no_layers);
   const bool lut_norms = store_kind == static_cast<int32_t>(ValueKind::kLut) && norm_count > 0;
   const bool affine = store_kind == static_cast<int32_t>(ValueKind::kQ8) ||
                       (store_kind == static_cast<int32_t>(ValueKind::kLut) && norm_count == 0);
-  const Batched bstk("store_k", store_k.dimensions(), 4, batch, &error);
-  const Batched bstv("store_v", store_v.dimensions(), 4, batch, &error);
+  const Batched bstk("store_k", store_k.dimensions(), 4, batch, &error, no_layers);
+  const Batched bstv("store_v", store_v.dimensions(), 4, batch, &error, no_layers);
   const int aux_core = lut_norms ? 4 : 3;
-  const Batched bsk0("store_k aux", store_k_aux0.dimensions(), affine || lut_norms ? aux_core : 1, batch, &error);
-  const Batched bsv0("store_v aux", store_v_aux0.dimensions(), affine || lut_norms ? aux_core : 1, batch, &error);
-  const Batched bsk1("store_k zero", store_k_aux1.dimensions(), affine ? 3 : 1, batch, &error);
-  const Batched bsv1("store_v zero", store_v_aux1.dimensions(), affine ? 3 : 1, batch, &error);
+  const bool aux = affine || lut_norms;
+  const Batched bsk0("store_k aux", store_k_aux0.dimensions(), aux ? aux_core : 1, batch, &error,
+                     aux && no_layers);
+  const Batched bsv0("store_v aux", store_v_aux0.dimensions(), aux ? aux_core : 1, batch, &error,
+                     aux && no_layers);
+  const Batched bsk1("store_k zero", store_k_aux1.dimensions(), affine ? 3 : 1, batch, &error,
+                     affine && no_layers);
+  const Batched bsv1("store_v zero", store_v_aux1.dimensions(), affine ? 3 : 1, batch, &error,
+                     affine && no_layers);
   if (!error.empty()) return ffi::Error::InvalidArgument("kvjax attend: " + error);
 
   AttendProblem p;
@@ -290,6 +303,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Attend, AttendImpl,
                                   .Attr<ffi::Span<const int32_t>>("segments")
                                   .Attr<ffi::Span<const float>>("kappa_scales")
                                   .Attr<int32_t>("has_window")
-                                  .Attr<int32_t>("has_softcap"));
+                                  .Attr<int32_t>("has_softcap")
+                                  .Attr<int32_t>("has_layers"));
 
 }  // namespace kvjax

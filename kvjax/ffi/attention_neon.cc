@@ -100,7 +100,6 @@ struct Isa {
     const uint8x8_t b = vreinterpret_u8_u32(vdup_n_u32(word));
     return vcvtq_f32_u32(vmovl_u16(vget_low_u16(vmovl_u8(b))));
   }
-  }
 
   // kLut lanes (attention_format.h, LutGeometry): 4 words per chunk.
   using Words = uint32x4_t;

@@ -1,0 +1,121 @@
+"""The decode-attention kernel against float64 attention over `materialize`.
+
+Shared by tests/test_attention_kernel.py (in process, the best variant) and
+run in a subprocess per variant (the variant is chosen once per process):
+
+  KVJAX_ISA=avx2 python -m tests.attention_check
+
+Prints one JSON line with each case's relative error (max-norm error over the
+reference's max norm) and exits non-zero if any exceeds TOLERANCE or puts a
+NaN or Inf where the reference has none.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+import kvjax
+from kvjax import _formats
+from tests import reference
+
+TOLERANCE = 5e-5
+HOT = ("float32", "bfloat16", "float16")
+
+
+def filled(store, *, head_dim, hot_dtype, capacity=160, tail=8, migrate_batch=8,
+           sinks=2, heads=2, n=300, evict=0, seed=0):
+  """A cache whose store ring has wrapped (n > capacity), keys with an offset
+  and a large channel as real keys have."""
+  spec = kvjax.CacheSpec(num_kv_heads=heads, head_dim=head_dim, capacity=capacity,
+                         tail=tail, migrate_batch=migrate_batch, sinks=sinks,
+                         hot_dtype=hot_dtype, store=store)
+  rng = np.random.default_rng(seed)
+  k = rng.normal(size=(n, heads, head_dim)).astype(np.float32) + 0.5
+  k[..., 3] *= 6
+  v = rng.normal(size=(n, heads, head_dim)).astype(np.float32)
+  return kvjax.evict(kvjax.append(kvjax.init(spec), k, v), evict)
+
+
+def reference_attend(cache, q, q_pos, **kw):
+  k, v, pos, valid = (np.asarray(a) for a in kvjax.materialize(cache))
+  return reference.attention(q, k, v, pos, valid, np.asarray(q_pos), **kw)
+
+
+def relative_error(got, want) -> float:
+  got = np.asarray(got, np.float64)
+  if not np.all(np.isfinite(got)):
+    return float("inf")
+  return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+# (n_q, GQA group, window, softcap, scale): decode, speculative decoding,
+# small chunks; every option traced, so each query shape compiles once.
+OPTIONS = [
+    (1, 4, None, None, None),
+    (1, 4, 7, 4.0, 0.3),
+    (16, 1, None, None, None),
+    (16, 1, 40, 2.5, None),
+    (3, 3, 20, None, 0.2),
+]
+
+# Every store format at D = 64 (the variants' vector paths: q4's and the
+# split formats' halves read repeated words) and the main ones at 128 (whole
+# 16-word blocks) and 16 (the split formats fall back to the scalar run).
+CASES = ([(store, 64) for store in _formats.FORMATS] +
+         [(store, 128) for store in ("f32", "bf16", "q8", "q4", "turbo4", "turbo3.5",
+                                     "turbo3", "turbo2p")] +
+         [(store, 16) for store in ("f16", "q4", "turbo2.5", "turbo1p")])
+
+
+def cases(pairs=CASES):
+  """(name, cache, q, q_pos, kwargs) for each (store, head_dim), hot dtypes
+  in turn."""
+  for i, (store, d) in enumerate(pairs):
+    if True:
+      j = i
+      hot = HOT[i % 3]
+      cache = filled(store, head_dim=d, hot_dtype=hot, evict=5 * (i % 4), seed=i)
+      length = kvjax.stats(cache)["length"]
+      rng = np.random.default_rng(100 + i)
+      for n_q, group, window, softcap, scale in OPTIONS:
+        q = rng.normal(size=(n_q, 2 * group, d)).astype(np.float32)
+        q_pos = np.sort(rng.integers(length - 60, length, n_q)).astype(np.int32)
+        kw = {k: v for k, v in dict(window=window, softcap=softcap, scale=scale).items()
+              if v is not None}
+        yield (f"{store}/D{d}/{hot}/nq{n_q}/g{group}/{sorted(kw)}", cache, q, q_pos, kw)
+
+
+_ATTEND = jax.jit(lambda c, q, p, w, s, sc, impl: kvjax.attend(
+    c, q, q_pos=p, window=w, softcap=s, scale=sc, implementation=impl),
+    static_argnames="impl")
+
+
+def attend(cache, q, q_pos, kw, impl):
+  """One compile per cache and query shape: the options are traced."""
+  return _ATTEND(cache, q, q_pos, kw.get("window"), kw.get("softcap"),
+                 kw.get("scale"), impl=impl)
+
+
+def errors(impl="ffi", **kw) -> dict:
+  out = {}
+  for name, cache, q, q_pos, options in cases(**kw):
+    want = reference_attend(cache, q, q_pos, **options)
+    out[name] = relative_error(attend(cache, q, q_pos, options, impl), want)
+  return out
+
+
+def main() -> int:
+  result = errors()
+  worst = max(result.values())
+  print(json.dumps({"isa": kvjax.backend_info()["isa"], "cases": len(result),
+                    "worst": worst,
+                    "failed": {k: v for k, v in result.items() if not v <= TOLERANCE}}))
+  return 0 if worst <= TOLERANCE else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
