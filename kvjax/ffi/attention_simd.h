@@ -226,10 +226,16 @@ class SimdRun {
 
   // 3. scores_[r * kBlock + t] = q_r . k_t for every row and token.
   void Scores(int64_t slot0, int n) {
+    // Tiles of 4 rows (a GQA group of 4, or 4 queries), the rest in one
+    // tile of 3, 2 or 1: each decoded key chunk serves every row of a tile.
     int r0 = 0;
     for (; r0 + 4 <= rows_; r0 += 4) ScoreTile<4>(r0, slot0, n);
-    for (; r0 + 2 <= rows_; r0 += 2) ScoreTile<2>(r0, slot0, n);
-    for (; r0 < rows_; ++r0) ScoreTile<1>(r0, slot0, n);
+    switch (rows_ - r0) {
+      case 3: ScoreTile<3>(r0, slot0, n); break;
+      case 2: ScoreTile<2>(r0, slot0, n); break;
+      case 1: ScoreTile<1>(r0, slot0, n); break;
+      default: break;
+    }
   }
 
   template <int kRows>
@@ -393,7 +399,12 @@ class SimdRun {
   void Values(int64_t slot0, int n) {
     int r0 = 0;
     for (; r0 + 4 <= rows_; r0 += 4) ValueRows<4>(r0, slot0, n);
-    for (; r0 < rows_; ++r0) ValueRows<1>(r0, slot0, n);
+    switch (rows_ - r0) {
+      case 3: ValueRows<3>(r0, slot0, n); break;
+      case 2: ValueRows<2>(r0, slot0, n); break;
+      case 1: ValueRows<1>(r0, slot0, n); break;
+      default: break;
+    }
   }
 
   // The tokens every active row of a tile sees, and those any sees.
