@@ -252,8 +252,9 @@ def _attend(cache, q, q_pos, scale, window, softcap, layer, *, block_size,
 
 # The kernel attends up to this many queries per call (each row of the
 # softmax is a query of one query head: R = n_q * Hq / H); more run the jnp
-# path, whose blocked einsums are the better fit for prefill chunks.
-MAX_KERNEL_QUERIES = 16
+# path. Prefill chunks of 128 and 512 queries run faster in the kernel than
+# in the jnp path (benchmarks/bench_attend.py).
+MAX_KERNEL_QUERIES = 1024
 
 
 def _resolve_implementation(implementation, n_q: int) -> str:

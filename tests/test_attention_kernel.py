@@ -170,10 +170,11 @@ def test_implementation_picks_per_call():
   lower = lambda n_q, impl: jax.jit(lambda c, q: kvjax.attend(
       c, q, implementation=impl)).lower(cache, jnp.ones((n_q, 4, 64))).compile().as_text()
   assert _calls(lower(16, None)) == 1  # CPU, fits: the kernel
-  assert _calls(lower(17, None)) == 0  # beyond the kernel's limit: jnp
+  assert _calls(lower(1024, None)) == 1
+  assert _calls(lower(1025, None)) == 0  # beyond the kernel's limit: jnp
   assert _calls(lower(1, "xla")) == 0
-  with pytest.raises(ValueError, match="at most 16 queries per call, got n_q=17"):
-    lower(17, "ffi")
+  with pytest.raises(ValueError, match="at most 1024 queries per call, got n_q=1025"):
+    lower(1025, "ffi")
   with pytest.raises(ValueError, match="implementation: expected one of"):
     kvjax.attend(cache, jnp.ones((1, 4, 64)), implementation="pallas")
   # For a GPU the CPU-only custom call is never emitted (exported without one).

@@ -14,6 +14,9 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // A store run is split into items of at least this many tokens (fewer items
 // than threads otherwise leave cores idle; many tiny ones cost more to merge).
 constexpr int64_t kMinItemTokens = 512;
+// Items per thread to aim for, so that threads claiming them one at a time
+// finish together.
+constexpr int64_t kItemsPerThread = 8;
 
 struct Item {
   int64_t sequence;
@@ -69,8 +72,8 @@ void RunAttend(const AttendProblem& p, AttendRunFn run, int threads,
     store_tokens += std::max<int64_t>(end - seq.tail_count - seq.evicted, 0) * p.heads;
   }
   // Items of about equal size, enough to keep every thread busy.
-  const int64_t chunk = std::max<int64_t>(
-      kMinItemTokens, (store_tokens + 4 * threads - 1) / std::max(1, 4 * threads));
+  const int64_t pieces = kItemsPerThread * std::max(1, threads);
+  const int64_t chunk = std::max<int64_t>(kMinItemTokens, (store_tokens + pieces - 1) / pieces);
 
   std::vector<Item> items;
   std::vector<int64_t> first_item(p.num_sequences * p.heads + 1, 0);
@@ -98,8 +101,10 @@ void RunAttend(const AttendProblem& p, AttendRunFn run, int threads,
       spans.clear();
       RingSpans(seq.evicted, end - seq.tail_count, p.store_slots, p.sinks, &spans);
       for (const Span& span : spans) {
-        for (int64_t t = 0; t < span.count; t += chunk) {
-          const Span piece{span.first_slot + t, std::min(chunk, span.count - t),
+        const int64_t n_pieces = (span.count + chunk - 1) / chunk;  // of equal size
+        const int64_t size = (span.count + n_pieces - 1) / std::max<int64_t>(1, n_pieces);
+        for (int64_t t = 0; t < span.count; t += size) {
+          const Span piece{span.first_slot + t, std::min(size, span.count - t),
                            span.first_pos + t};
           if (AnyRowSees(piece, row_lo, row_hi, rows)) add(s, h, true, piece);
         }

@@ -262,11 +262,13 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_hot,
   }
   p.num_sequences = num;
   p.sequences = seqs.data();
-  const int threads = static_cast<int>(pool.num_threads()) + 1;
+  // One thread per pool thread, the caller included (XLA's pool has one per
+  // core), each claiming one item at a time: items differ in size.
+  const int threads = std::max<int>(1, static_cast<int>(pool.num_threads()));
   RunAttend(p, selection.kernels->attend, threads,
-         [&](int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
-           ParallelFor(pool, n, 1, fn);
-         });
+            [&](int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+              ParallelFor(pool, n, 1, fn, /*max_chunks=*/n, /*pool_tasks=*/threads - 1);
+            });
   return ffi::Error::Success();
 }
 

@@ -16,10 +16,16 @@ namespace kvjax {
 // pool. Workers claim chunks from a shared counter and the caller waits only
 // for chunks already claimed, so it never waits on a task still queued behind
 // busy pool threads (no deadlock when the caller is itself a pool thread).
+// `max_chunks` (default 4 per pool thread) bounds how finely the range is
+// split; `pool_tasks` (default one per pool thread) how many pool threads
+// join the caller.
 template <typename Fn>
-void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, int64_t min_chunk, Fn fn) {
+void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, int64_t min_chunk, Fn fn,
+                 int64_t max_chunks = -1, int64_t pool_tasks = -1) {
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
-  const int64_t chunks = std::min<int64_t>(4 * workers, n / std::max<int64_t>(1, min_chunk));
+  if (max_chunks < 0) max_chunks = 4 * workers;
+  if (pool_tasks < 0) pool_tasks = workers;
+  const int64_t chunks = std::min<int64_t>(max_chunks, n / std::max<int64_t>(1, min_chunk));
   if (chunks <= 1) {
     fn(0, n);
     return;
@@ -40,7 +46,7 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, int64_t min_chunk, Fn fn
       shared->done.fetch_add(1, std::memory_order_release);
     }
   };
-  for (int64_t t = 0; t < std::min(workers, chunks - 1); ++t) {
+  for (int64_t t = 0; t < std::min(pool_tasks, chunks - 1); ++t) {
     pool.Schedule([work] { work(); });
   }
   work();
