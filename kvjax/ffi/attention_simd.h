@@ -278,10 +278,15 @@ class SimdRun {
     }
   }
 
-  // The dots of kRows rows x L / kRows tokens from the tile's accumulators.
+  // The dots of kRows rows x L / kRows tokens from the tile's accumulators,
+  // taken as a copy: were the accumulators' own address taken, GCC would keep
+  // them in memory through the whole loop.
   template <int kRows>
-  KVJAX_INLINE void StoreDots(V* x, int r0, int s, int tt, int n) {
+  KVJAX_INLINE void StoreDots(const V* accumulators, int r0, int s, int tt, int n) {
     constexpr int kTokens = L / kRows;
+    V x[L];
+#pragma GCC unroll 16
+    for (int i = 0; i < L; ++i) x[i] = accumulators[i];
     alignas(64) float dots[L];
     Isa::Store(dots, Isa::ReduceTile(x));
     float* out = scores_ + static_cast<size_t>(s) * rows_ * kBlock;
