@@ -291,8 +291,9 @@ def parse_args(argv):
   args = p.parse_args(argv)
   if not args.prompt_len:
     args.prompt_len = LONG_PROMPT_TOKENS if args.long else 320
-  if args.prompt_len < 96:
-    p.error(f"--prompt-len: expected at least 96 tokens, got {args.prompt_len}")
+  if args.model == "smollm2" and args.prompt_len < 128:
+    p.error("--prompt-len: expected at least 128 tokens (the chat template and a "
+            f"question take about 80), got {args.prompt_len}")
   try:
     with open(args.text, encoding="utf-8", errors="replace") as f:
       f.read(1)
