@@ -40,6 +40,18 @@ struct Isa {
   static V Max(V a, V b) { return _mm256_max_ps(a, b); }
   static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V Select(Mask m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
+  static V Fnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+  static V Round(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // p * 2^n for integer n in [-126, 127] (Exp's range), NaN p stays NaN.
+  static V Ldexp(V p, V n) {
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+  static Mask Less(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  static V Abs(V x) { return _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF))); }
+  static V CopySign(V magnitude, V sign) {
+    return _mm256_or_ps(magnitude, _mm256_and_ps(sign, _mm256_castsi256_ps(_mm256_set1_epi32(INT32_MIN))));
+  }
   static Mask RowMask(bool on) { return _mm256_castsi256_ps(_mm256_set1_epi32(on ? -1 : 0)); }
 
   static Mask SpanMask(int t, int vb, int ve) {
@@ -78,43 +90,6 @@ struct Isa {
     const V u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
                          _mm256_permute2f128_ps(u0, u1, 0x31));
-  }
-
-  // exp(x) for x <= 0: -inf gives 0, NaN gives NaN, below -87.3 gives 0.
-  static V Exp(V x) {
-    const V xc = _mm256_max_ps(Set1(-87.3f), x);
-    const V n = _mm256_round_ps(_mm256_mul_ps(xc, Set1(1.44269504088896341f)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    V r = _mm256_fnmadd_ps(n, Set1(0.693359375f), xc);
-    r = _mm256_fnmadd_ps(n, Set1(-2.12194440e-4f), r);
-    V p = Set1(1.0f / 5040);
-    p = _mm256_fmadd_ps(p, r, Set1(1.0f / 720));
-    p = _mm256_fmadd_ps(p, r, Set1(1.0f / 120));
-    p = _mm256_fmadd_ps(p, r, Set1(1.0f / 24));
-    p = _mm256_fmadd_ps(p, r, Set1(1.0f / 6));
-    p = _mm256_fmadd_ps(p, r, Set1(0.5f));
-    p = _mm256_fmadd_ps(p, r, Set1(1.0f));
-    p = _mm256_fmadd_ps(p, r, Set1(1.0f));
-    const __m256i exponent = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    const V e = _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
-    const V e_or_nan = _mm256_blendv_ps(e, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-    return _mm256_blendv_ps(e_or_nan, Zero(), _mm256_cmp_ps(x, Set1(-87.3f), _CMP_LT_OQ));
-  }
-  static float ExpScalar(float x) { return std::exp(x); }
-  static V Tanh(V x) {
-    const V abs = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
-    const V y = _mm256_mul_ps(abs, Set1(2.0f));
-    const V ny = _mm256_sub_ps(Zero(), y);
-    V series = Set1(1.0f / 40320);
-    const float inv_fact[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f};
-    for (float c : inv_fact) series = _mm256_fmadd_ps(series, ny, Set1(c));
-    series = _mm256_mul_ps(series, ny);
-    const V em = _mm256_blendv_ps(_mm256_sub_ps(Exp(ny), Set1(1.0f)), series,
-                                  _mm256_cmp_ps(y, Set1(0.625f), _CMP_LT_OQ));
-    const V t = _mm256_div_ps(_mm256_sub_ps(Zero(), em), _mm256_add_ps(Set1(2.0f), em));
-    const V sign = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(INT32_MIN)));
-    return _mm256_or_ps(t, sign);
   }
 
   static V LoadF32(const uint8_t* row, int c) {

@@ -41,6 +41,15 @@ struct Isa {
   static V Max(V a, V b) { return _mm512_max_ps(a, b); }
   static V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V Select(Mask m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
+  static V Fnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+  static V Round(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V Ldexp(V p, V n) { return _mm512_scalef_ps(p, n); }
+  static Mask Less(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static V Abs(V x) { return _mm512_abs_ps(x); }
+  static V CopySign(V magnitude, V sign) {
+    const __m512i bit = _mm512_and_si512(_mm512_castps_si512(sign), _mm512_set1_epi32(INT32_MIN));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(magnitude), bit));
+  }
   static Mask RowMask(bool on) { return static_cast<Mask>(on ? 0xFFFF : 0); }
 
   // Lanes j with vb <= t + j < ve.
@@ -87,42 +96,6 @@ struct Isa {
     const V u = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88), _mm512_shuffle_f32x4(b[0], b[1], 0xDD));
     const V w = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88), _mm512_shuffle_f32x4(b[2], b[3], 0xDD));
     return _mm512_add_ps(_mm512_shuffle_f32x4(u, w, 0x88), _mm512_shuffle_f32x4(u, w, 0xDD));
-  }
-
-  // exp(x) for x <= 0: -inf gives 0, NaN gives NaN; below -87.3 (a result
-  // under FLT_MIN) 0. About 1 ulp.
-  static V Exp(V x) {
-    const V xc = _mm512_max_ps(Set1(-87.3f), x);  // NaN stays (second operand)
-    const V n = _mm512_roundscale_ps(_mm512_mul_ps(xc, Set1(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    V r = _mm512_fnmadd_ps(n, Set1(0.693359375f), xc);
-    r = _mm512_fnmadd_ps(n, Set1(-2.12194440e-4f), r);
-    V p = Set1(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, Set1(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, Set1(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, Set1(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, Set1(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, Set1(0.5f));
-    p = _mm512_fmadd_ps(p, r, Set1(1.0f));
-    p = _mm512_fmadd_ps(p, r, Set1(1.0f));
-    const V e = _mm512_scalef_ps(p, n);
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, Set1(-87.3f), _CMP_LT_OQ), e, Zero());
-  }
-  static float ExpScalar(float x) { return std::exp(x); }
-  // tanh(x) = -expm1(-2|x|) / (2 + expm1(-2|x|)) with the sign of x; expm1
-  // by its series near 0, so small logits keep their relative precision.
-  static V Tanh(V x) {
-    const V y = _mm512_mul_ps(_mm512_abs_ps(x), Set1(2.0f));
-    const V ny = _mm512_sub_ps(Zero(), y);
-    V series = Set1(1.0f / 40320);
-    const float inv_fact[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f};
-    for (float c : inv_fact) series = _mm512_fmadd_ps(series, ny, Set1(c));
-    series = _mm512_mul_ps(series, ny);
-    const V em = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y, Set1(0.625f), _CMP_LT_OQ),
-                                      _mm512_sub_ps(Exp(ny), Set1(1.0f)), series);
-    const V t = _mm512_div_ps(_mm512_sub_ps(Zero(), em), _mm512_add_ps(Set1(2.0f), em));
-    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN));
-    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign));
   }
 
   static V LoadF32(const uint8_t* row, int c) {

@@ -32,6 +32,18 @@ struct Isa {
   static V Max(V a, V b) { return vmaxq_f32(a, b); }
   static V Fma(V a, V b, V c) { return vfmaq_f32(c, a, b); }
   static V Select(Mask m, V a, V b) { return vbslq_f32(m, a, b); }
+  static V Fnma(V a, V b, V c) { return vfmsq_f32(c, a, b); }
+  static V Round(V x) { return vrndnq_f32(x); }
+  static V Ldexp(V p, V n) {
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vmulq_f32(p, vreinterpretq_f32_s32(e));
+  }
+  static Mask Less(V a, V b) { return vcltq_f32(a, b); }
+  static V Abs(V x) { return vabsq_f32(x); }
+  static V CopySign(V magnitude, V sign) {
+    const uint32x4_t bit = vandq_u32(vreinterpretq_u32_f32(sign), vdupq_n_u32(0x80000000u));
+    return vreinterpretq_f32_u32(vorrq_u32(vreinterpretq_u32_f32(magnitude), bit));
+  }
   static Mask RowMask(bool on) { return vdupq_n_u32(on ? 0xFFFFFFFFu : 0u); }
 
   static Mask SpanMask(int t, int vb, int ve) {
@@ -54,34 +66,6 @@ struct Isa {
   static float ReduceMax(V v) { return vmaxvq_f32(v); }
   static V ReduceTile(V* x) {
     return vpaddq_f32(vpaddq_f32(x[0], x[1]), vpaddq_f32(x[2], x[3]));
-  }
-
-  static V Exp(V x) {
-    const V xc = vmaxq_f32(x, vdupq_n_f32(-87.3f));
-    const V n = vrndnq_f32(vmulq_f32(xc, vdupq_n_f32(1.44269504088896341f)));
-    V r = vfmsq_f32(xc, n, vdupq_n_f32(0.693359375f));
-    r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
-    V p = vdupq_n_f32(1.0f / 5040);
-    const float c[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
-    for (float k : c) p = vfmaq_f32(vdupq_n_f32(k), p, r);
-    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
-    V out = vmulq_f32(p, vreinterpretq_f32_s32(e));
-    out = vbslq_f32(vceqq_f32(x, x), out, x);  // NaN stays NaN
-    return vbslq_f32(vcltq_f32(x, vdupq_n_f32(-87.3f)), vdupq_n_f32(0.0f), out);
-  }
-  static float ExpScalar(float x) { return std::exp(x); }
-  static V Tanh(V x) {
-    const V y = vmulq_f32(vabsq_f32(x), vdupq_n_f32(2.0f));
-    const V ny = vnegq_f32(y);
-    V series = vdupq_n_f32(1.0f / 40320);
-    const float inv_fact[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f};
-    for (float k : inv_fact) series = vfmaq_f32(vdupq_n_f32(k), series, ny);
-    series = vmulq_f32(series, ny);
-    const V em = vbslq_f32(vcltq_f32(y, vdupq_n_f32(0.625f)), series,
-                           vsubq_f32(Exp(ny), vdupq_n_f32(1.0f)));
-    const V t = vdivq_f32(vnegq_f32(em), vaddq_f32(vdupq_n_f32(2.0f), em));
-    const uint32x4_t sign = vandq_u32(vreinterpretq_u32_f32(x), vdupq_n_u32(0x80000000u));
-    return vreinterpretq_f32_u32(vorrq_u32(vreinterpretq_u32_f32(t), sign));
   }
 
   static V LoadF32(const uint8_t* row, int c) {

@@ -47,6 +47,37 @@ class Arena {
 
 #define KVJAX_INLINE inline __attribute__((always_inline))
 
+// exp(x) for x <= 0, about 1 ulp: -inf (and anything below -87.3, whose exp
+// is under FLT_MIN) gives 0, NaN gives NaN. Cody-Waite reduction by ln 2,
+// then the Taylor series to degree 7 on |r| <= ln(2) / 2.
+KVJAX_INLINE typename Isa::V VecExp(typename Isa::V x) {
+  using V = typename Isa::V;
+  const V xc = Isa::Max(Isa::Set1(-87.3f), x);  // a NaN x stays NaN
+  const V n = Isa::Round(Isa::Mul(xc, Isa::Set1(1.44269504088896341f)));
+  V r = Isa::Fnma(n, Isa::Set1(0.693359375f), xc);
+  r = Isa::Fnma(n, Isa::Set1(-2.12194440e-4f), r);
+  V p = Isa::Set1(1.0f / 5040);
+  const float coefficients[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+  for (float c : coefficients) p = Isa::Fma(p, r, Isa::Set1(c));
+  return Isa::Select(Isa::Less(x, Isa::Set1(-87.3f)), Isa::Zero(), Isa::Ldexp(p, n));
+}
+
+// tanh(x) = -expm1(-2|x|) / (2 + expm1(-2|x|)) with the sign of x; expm1 by
+// its series below 0.625, so small logits keep their relative precision;
+// +-Inf give +-1 and NaN gives NaN.
+KVJAX_INLINE typename Isa::V VecTanh(typename Isa::V x) {
+  using V = typename Isa::V;
+  const V ny = Isa::Mul(Isa::Abs(x), Isa::Set1(-2.0f));
+  V series = Isa::Set1(1.0f / 40320);
+  const float coefficients[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f};
+  for (float c : coefficients) series = Isa::Fma(series, ny, Isa::Set1(c));
+  series = Isa::Mul(series, ny);
+  const V em = Isa::Select(Isa::Less(Isa::Set1(-0.625f), ny), series,
+                           Isa::Sub(VecExp(ny), Isa::Set1(1.0f)));
+  const V t = Isa::Div(Isa::Sub(Isa::Zero(), em), Isa::Add(Isa::Set1(2.0f), em));
+  return Isa::CopySign(t, x);
+}
+
 constexpr int kMaxLutBlocks = 16;
 
 template <ValueKind kKind>
@@ -356,7 +387,7 @@ class SimdRun {
         }
         if (a_.has_softcap) {
           const V c = Isa::Set1(a_.softcap);
-          x = Isa::Mul(c, Isa::Tanh(Isa::Div(x, c)));
+          x = Isa::Mul(c, VecTanh(Isa::Div(x, c)));
         }
         const M visible = Isa::SpanMask(t, row.vb, row.ve);
         bad = bad || Isa::AnyNanOrPosInf(x, visible);
@@ -373,13 +404,13 @@ class SimdRun {
       const float bm = Isa::ReduceMax(block_max);
       const float new_max = bm > old_max ? bm : old_max;
       const float shift = new_max == -__builtin_inff() ? 0.0f : new_max;
-      row.correction = Isa::ExpScalar(old_max - shift);
+      row.correction = std::exp(old_max - shift);
       out_.max[r] = new_max;
       V sum = Isa::Zero(), zero_sum = Isa::Zero();
       const V shift_v = Isa::Set1(shift);
       float* w = &weights_[r * kBlock];
       for (int t = 0; t < n; t += L) {
-        const V p = Isa::Exp(Isa::Sub(Isa::Load(s + t), shift_v));  // masked: 0
+        const V p = VecExp(Isa::Sub(Isa::Load(s + t), shift_v));  // masked: 0
         sum = Isa::Add(sum, p);
         if (kKind == ValueKind::kLut) {
           for (int g = 0; g < f_.num_segments; ++g) {
