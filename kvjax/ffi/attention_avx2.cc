@@ -169,6 +169,11 @@ struct Isa {
     const V high = _mm256_permutevar8x32_ps(table.high, index);
     return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
   }
+  // q4's table is 0..15: mask and convert (3 ops) beats the 16-entry lookup.
+  static KVJAX_ISA_INLINE V LutCodes(Words words, Words shift, const Table&) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(words, shift),
+                                               _mm256_set1_epi32(15)));
+  }
 };
 
 #include "attention_simd.h"

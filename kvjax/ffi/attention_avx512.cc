@@ -167,6 +167,9 @@ struct Isa {
   static KVJAX_ISA_INLINE V LutLookup(Words words, Words shift, Table table) {
     return _mm512_permutexvar_ps(_mm512_srlv_epi32(words, shift), table);
   }
+  static KVJAX_ISA_INLINE V LutCodes(Words words, Words shift, Table table) {
+    return LutLookup(words, shift, table);  // one permute beats mask and convert
+  }
 };
 
 #include "attention_simd.h"

@@ -132,6 +132,9 @@ struct Isa {
     const uint32x4_t lookup = vaddq_u32(vmulq_n_u32(index, 0x04040404u), vdupq_n_u32(0x03020100u));
     return vreinterpretq_f32_u8(vqtbl4q_u8(table, vreinterpretq_u8_u32(lookup)));
   }
+  static V LutCodes(Words words, Words shift, const Table& table) {
+    return LutLookup(words, shift, table);
+  }
 };
 
 #include "attention_simd.h"

@@ -79,6 +79,16 @@ KVJAX_INLINE typename Isa::V VecTanh(typename Isa::V x) {
 }
 
 constexpr int kMaxLutBlocks = 16;
+// Added to a segment's word mode when its table is 0..15 (q4).
+constexpr int kAffineMode = 4;
+
+// Chunk of a kLut segment: the codes as numbers (q4) or looked up.
+template <int kMode>
+KVJAX_INLINE typename Isa::V LutValues(typename Isa::Words words, typename Isa::Words shift,
+                                       const typename Isa::Table& table) {
+  if (kMode >= kAffineMode) return Isa::LutCodes(words, shift, table);
+  return Isa::LutLookup(words, shift, table);
+}
 
 template <ValueKind kKind>
 class SimdRun {
@@ -147,6 +157,8 @@ class SimdRun {
         ls.blocks = seg.channels / L / g.iterations;
         ls.mode = seg.bits == 3 ? Isa::kThreeBitWords
                   : g.chunk_words == L ? Isa::kFullWords : Isa::kRepeatedWords;
+        // q4's table is 0..15: a variant may read the codes as numbers.
+        if (seg.norm_index < 0) ls.mode += kAffineMode;
         for (int b = 0; b < ls.blocks; ++b) Isa::PlanBlock(seg, b, &ls.block[b]);
         for (int it = 0; it < g.iterations; ++it) ls.shift[it] = Isa::PlanShift(seg, it);
         // The codebook repeated to 16 entries (q4: 0 .. 15).
@@ -286,6 +298,12 @@ class SimdRun {
           switch (segs_[s].mode) {
             case Isa::kFullWords: ScoreLut<kRows, Isa::kFullWords>(r0, s, tt, n, slot); break;
             case Isa::kRepeatedWords: ScoreLut<kRows, Isa::kRepeatedWords>(r0, s, tt, n, slot); break;
+            case Isa::kFullWords + kAffineMode:
+              ScoreLut<kRows, Isa::kFullWords + kAffineMode>(r0, s, tt, n, slot);
+              break;
+            case Isa::kRepeatedWords + kAffineMode:
+              ScoreLut<kRows, Isa::kRepeatedWords + kAffineMode>(r0, s, tt, n, slot);
+              break;
             default: ScoreLut<kRows, Isa::kThreeBitWords>(r0, s, tt, n, slot); break;
           }
         }
@@ -343,7 +361,7 @@ class SimdRun {
       W words[kTokens];
 #pragma GCC unroll 16
       for (int j = 0; j < kTokens; ++j) {
-        words[j] = Isa::template LutWords<kMode>(RowOf(a_.k, slot[j]), ls.block[b]);
+        words[j] = Isa::template LutWords<kMode % kAffineMode>(RowOf(a_.k, slot[j]), ls.block[b]);
       }
       for (int it = 0; it < ls.iterations; ++it) {
         const int c = ls.first_chunk + b * ls.iterations + it;
@@ -353,7 +371,7 @@ class SimdRun {
         for (int i = 0; i < kRows; ++i) q[i] = Isa::Load(&q_[(r0 + i) * lanes_ + c * L]);
 #pragma GCC unroll 16
         for (int j = 0; j < kTokens; ++j) {
-          const V k = Isa::LutLookup(words[j], shift, table);
+          const V k = LutValues<kMode>(words[j], shift, table);
 #pragma GCC unroll 4
           for (int i = 0; i < kRows; ++i) x[i * kTokens + j] = Isa::Fma(q[i], k, x[i * kTokens + j]);
         }
@@ -473,6 +491,12 @@ class SimdRun {
           switch (ls.mode) {
             case Isa::kFullWords: ValueBlock<kRows, Isa::kFullWords>(r0, slot0, span, s, b); break;
             case Isa::kRepeatedWords: ValueBlock<kRows, Isa::kRepeatedWords>(r0, slot0, span, s, b); break;
+            case Isa::kFullWords + kAffineMode:
+              ValueBlock<kRows, Isa::kFullWords + kAffineMode>(r0, slot0, span, s, b);
+              break;
+            case Isa::kRepeatedWords + kAffineMode:
+              ValueBlock<kRows, Isa::kRepeatedWords + kAffineMode>(r0, slot0, span, s, b);
+              break;
             default: ValueBlock<kRows, Isa::kThreeBitWords>(r0, slot0, span, s, b); break;
           }
         }
@@ -554,9 +578,9 @@ class SimdRun {
                                 int it0, int c0, V* v) const {
     const int64_t slot = slot0 + t;
     if (kKind == ValueKind::kLut) {
-      const W words = Isa::template LutWords<kMode>(RowOf(a_.v, slot), ls->block[b]);
+      const W words = Isa::template LutWords<kMode % kAffineMode>(RowOf(a_.v, slot), ls->block[b]);
 #pragma GCC unroll 4
-      for (int j = 0; j < kChunks; ++j) v[j] = Isa::LutLookup(words, ls->shift[it0 + j], table);
+      for (int j = 0; j < kChunks; ++j) v[j] = LutValues<kMode>(words, ls->shift[it0 + j], table);
     } else {
 #pragma GCC unroll 4
       for (int j = 0; j < kChunks; ++j) v[j] = Direct(a_.v, slot, c0 + j);
