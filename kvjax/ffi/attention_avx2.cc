@@ -144,12 +144,19 @@ struct Isa {
       const __m256i w = _mm256_maskload_epi32(reinterpret_cast<const int*>(src), mask);
       return _mm256_permutevar8x32_epi32(w, p.spread);
     }
-    // 3-byte groups, 4 per 128-bit lane, each into a dword. Copied byte-wise:
-    // a dword-granular load could read past the end of the last row.
+    // 3-byte groups, 4 per 128-bit lane (12 bytes: 3 dwords, loaded exactly),
+    // each into a dword. 2 groups (6 bytes) are copied byte-wise: a dword
+    // load could read past the end of the last row.
     alignas(32) uint8_t bytes[32] = {};
-    const int n = 3 * p.words;
-    std::memcpy(bytes, src, n < 12 ? n : 12);
-    if (n > 12) std::memcpy(bytes + 16, src + 12, n - 12);
+    if (p.words >= 4) {
+      const __m128i three = _mm_setr_epi32(-1, -1, -1, 0);
+      const __m128i low = _mm_maskload_epi32(reinterpret_cast<const int*>(src), three);
+      const __m128i high = p.words == 8
+          ? _mm_maskload_epi32(reinterpret_cast<const int*>(src + 12), three) : _mm_setzero_si128();
+      _mm256_store_si256(reinterpret_cast<__m256i*>(bytes), _mm256_set_m128i(high, low));
+    } else {
+      std::memcpy(bytes, src, 3 * p.words);
+    }
     const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes));
     const __m128i pattern = _mm_setr_epi8(0, 1, 2, -128, 3, 4, 5, -128, 6, 7, 8, -128, 9, 10, 11, -128);
     const __m256i groups = _mm256_shuffle_epi8(v, _mm256_broadcastsi128_si256(pattern));
@@ -168,6 +175,10 @@ struct Isa {
     const V low = _mm256_permutevar8x32_ps(table.low, index);
     const V high = _mm256_permutevar8x32_ps(table.high, index);
     return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
+  }
+  // 3-bit tables have 8 entries: one permute reads them.
+  static KVJAX_ISA_INLINE V LutLookup8(Words words, Words shift, const Table& table) {
+    return _mm256_permutevar8x32_ps(table.low, _mm256_srlv_epi32(words, shift));
   }
   // q4's table is 0..15: mask and convert (3 ops) beats the 16-entry lookup.
   static KVJAX_ISA_INLINE V LutCodes(Words words, Words shift, const Table&) {

@@ -170,6 +170,9 @@ struct Isa {
   static KVJAX_ISA_INLINE V LutCodes(Words words, Words shift, Table table) {
     return LutLookup(words, shift, table);  // one permute beats mask and convert
   }
+  static KVJAX_ISA_INLINE V LutLookup8(Words words, Words shift, Table table) {
+    return LutLookup(words, shift, table);
+  }
 };
 
 #include "attention_simd.h"

@@ -135,6 +135,9 @@ struct Isa {
   static V LutCodes(Words words, Words shift, const Table& table) {
     return LutLookup(words, shift, table);
   }
+  static V LutLookup8(Words words, Words shift, const Table& table) {
+    return LutLookup(words, shift, table);
+  }
 };
 
 #include "attention_simd.h"

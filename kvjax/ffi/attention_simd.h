@@ -87,6 +87,7 @@ template <int kMode>
 KVJAX_INLINE typename Isa::V LutValues(typename Isa::Words words, typename Isa::Words shift,
                                        const typename Isa::Table& table) {
   if (kMode >= kAffineMode) return Isa::LutCodes(words, shift, table);
+  if (kMode == Isa::kThreeBitWords) return Isa::LutLookup8(words, shift, table);
   return Isa::LutLookup(words, shift, table);
 }
 
