@@ -1,4 +1,5 @@
-"""Which implementation runs the q8/q4 kernels: the jnp reference or C++.
+"""Which implementation runs the quantization kernels (q8, q4, TurboQuant):
+the jnp reference or C++.
 
 `"auto"` (the default) runs the C++ kernels in computations placed on the CPU
 when they loaded and the jnp reference elsewhere (`lax.platform_dependent`
@@ -93,8 +94,9 @@ def _bits(params: _affine.AffineParams) -> int:
   return 8 // params.codes_per_byte
 
 
-def _run(backend, reference, kernel, operand):
-  """`reference(operand)` or `kernel(operand)`, as `backend` resolves."""
+def run(backend, reference, kernel, operand):
+  """`reference(operand)` or `kernel(operand)`, as `backend` resolves (under
+  "auto", per lowering platform)."""
   mode = resolve(backend)
   if mode == "jax":
     return reference(operand)
@@ -105,7 +107,7 @@ def _run(backend, reference, kernel, operand):
 
 def affine_encode(x, params: _affine.AffineParams, backend=None):
   """`_affine.encode` by the selected backend (same bits either way)."""
-  return _run(backend, lambda x: _affine.encode(x, params),
+  return run(backend, lambda x: _affine.encode(x, params),
               lambda x: _affine.CODES_TYPES[params.name](
                   *ffi.affine_encode(x, _bits(params))),
               x)
@@ -114,5 +116,5 @@ def affine_encode(x, params: _affine.AffineParams, backend=None):
 def affine_decode(enc: _affine.AffineCodes, params: _affine.AffineParams,
                   backend=None):
   """`_affine.decode` by the selected backend (same bits either way)."""
-  return _run(backend, lambda enc: _affine.decode(enc, params),
+  return run(backend, lambda enc: _affine.decode(enc, params),
               lambda enc: ffi.affine_decode(*enc, _bits(params)), enc)

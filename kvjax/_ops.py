@@ -13,7 +13,8 @@ def quantize(x, fmt, *, backend=None):
   Args:
     x: `[..., D]`; every leading axis is a batch of groups.
     fmt: a store format name ("q8", "q4", "turbo3.5", "f32", ...).
-    backend: "jax" (the jnp reference), "ffi" (the C++ kernels; q8/q4 only),
+    backend: "jax" (the jnp reference), "ffi" (the C++ kernels: q8, q4 and
+      every turbo format),
       or "auto" (the kernels on CPU when loaded, else jnp: the same bits);
       default `$KVJAX_BACKEND` or "auto".
 
@@ -55,6 +56,6 @@ def _backend_kwargs(fmt, backend) -> dict:
   """Validates `backend` for `fmt`; the arguments its encode/decode take."""
   if _backend.resolve(backend) == "ffi" and not fmt.kernels:
     raise ValueError(
-        f"backend='ffi': kvjax has C++ kernels for q8 and q4, not for "
-        f"{fmt.name!r}; use backend='jax' or 'auto'")
+        f"backend='ffi': kvjax has C++ kernels for q8, q4 and the turbo "
+        f"formats, not for {fmt.name!r}; use backend='jax' or 'auto'")
   return {"backend": backend} if fmt.kernels else {}

@@ -128,13 +128,11 @@ def _append(cache: KVCache, k, v, n_valid, layer) -> KVCache:
     # channels; whichever call appends it, the choice is the same.
     first = spec.sinks - cache.length
     has_first = (first >= 0) & (first < accepted)
-    # A cond, so an unbatched append pays for the choice once (under vmap it
-    # becomes a select and is computed every time).
-    order = jax.lax.cond(
-        has_first,
-        lambda: store.outlier_order(jax.lax.dynamic_index_in_dim(
-            rounded, jnp.clip(first, 0, n - 1), 2, False)),
-        lambda: _state.small_leaf(order, layer))
+    # Computed only by the append that holds that token, batched or not (on
+    # CPU the kernel sorts only where `has_first`).
+    order = store.choose_order(
+        jax.lax.dynamic_index_in_dim(rounded, jnp.clip(first, 0, n - 1), 2, False),
+        has_first, _state.small_leaf(order, layer))
   store_rows = store.encode(rounded, order[:, :, None, :])
   new = {}
   for i, name in enumerate(("k", "v")):

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from kvjax import _backend
 from kvjax import _turbo_codebooks
 from kvjax import ffi
 
@@ -226,7 +227,7 @@ def _qjl_scale(m):
 class TurboFormat:
   """A TurboQuant store format; see the module docstring."""
 
-  kernels = False  # the jnp path only; no C++ kernels yet
+  kernels = True  # C++ kernels exist (kvjax.ffi); `backend` picks them
 
   def __init__(self, name: str, bits: tuple, prod: bool = False,
                split: bool = False):
@@ -234,6 +235,7 @@ class TurboFormat:
     self.bits = bits  # per instance: (b,) or (b_outlier, b_regular)
     self.prod = prod
     self.split = split
+    self._tables = {}
 
   # Geometry.
 
@@ -267,6 +269,39 @@ class TurboFormat:
   def default_order(self, head_dim):
     return np.arange(head_dim, dtype=np.int32)
 
+  def kernel_tables(self, head_dim) -> np.ndarray:
+    """The float32 table blob of the C++ kernels (turbo_format.h): per
+    instance fl32(1/sqrt(m)), fl32(sqrt(pi/2)/m), the signs, the codebook's
+    centroids and boundaries, and for prod formats S."""
+    if head_dim not in self._tables:
+      parts = []
+      for inst in self.instances(head_dim):
+        m = inst.size
+        parts.append(np.array([1.0 / math.sqrt(m), _qjl_scale(m)], np.float32))
+        parts.append(signs(m))
+        if inst.bits:
+          parts.extend(codebook(m, inst.bits))
+        if self.prod:
+          parts.append(qjl_matrix(m).reshape(-1))
+      self._tables[head_dim] = np.concatenate(parts).astype(np.float32)
+    return self._tables[head_dim]
+
+  def choose_order(self, token, choose, previous, *, backend=None):
+    """The channel order after an append: `outlier_order(token)` where
+    `choose` (a bool scalar: this append holds the first non-sink token),
+    else `previous`; token `[..., D]`, previous int32 `[..., D]`. The C++
+    kernel sorts only where it chooses (under vmap too); the jnp path
+    counts comparisons under a cond."""
+    def reference(args):
+      token, choose, previous = args
+      return jax.lax.cond(choose, lambda: self.outlier_order(token), lambda: previous)
+
+    def kernel(args):
+      token, choose, previous = args
+      return ffi.turbo_order(token, jnp.broadcast_to(choose, token.shape[:-1]), previous)
+
+    return _backend.run(backend, reference, kernel, (token, choose, previous))
+
   @staticmethod
   def outlier_order(x):
     """Channel order from one token `x: [..., D]`: by decreasing magnitude
@@ -284,10 +319,23 @@ class TurboFormat:
 
   # Encode / decode.
 
-  def encode(self, x, order=None) -> TurboCodes:
+  def encode(self, x, order=None, *, backend=None) -> TurboCodes:
     """`x: [..., D]` float32; `order`: channel order `[..., D]` broadcastable
-    (split formats; default: outliers are the first D/2 channels)."""
+    (split formats; default: outliers are the first D/2 channels); `backend`
+    as in `kvjax.quantize` (the same bits either way)."""
     x = jnp.asarray(x, jnp.float32)
+    order = order if self.split else None
+    d = x.shape[-1]
+
+    def kernel(args):
+      x, order = args
+      return TurboCodes(*ffi.turbo_encode(
+          x, order, self.kernel_tables(d), self.bits, self.prod,
+          self.code_bytes(d), self.norm_count))
+
+    return _backend.run(backend, lambda args: self._encode_jnp(*args), kernel, (x, order))
+
+  def _encode_jnp(self, x, order) -> TurboCodes:
     d = x.shape[-1]
     if self.split and order is not None:
       x = jnp.take_along_axis(x, jnp.broadcast_to(order, x.shape), axis=-1)
@@ -357,7 +405,20 @@ class TurboFormat:
       out.append((values, z, norms[..., i], kappa))
     return out
 
-  def decode(self, enc: TurboCodes, order=None):
+  def decode(self, enc: TurboCodes, order=None, *, backend=None):
+    """`encode`'s inverse: float32 `[..., D]` (`order` as given to encode)."""
+    order = order if self.split else None
+    d = self.code_dim(enc)
+    enc = TurboCodes(jnp.asarray(enc.codes), jnp.asarray(enc.norms))
+
+    def kernel(args):
+      enc, order = args
+      return ffi.turbo_decode(enc.codes, enc.norms, order, self.kernel_tables(d),
+                              self.bits, self.prod, d)
+
+    return _backend.run(backend, lambda args: self._decode_jnp(*args), kernel, (enc, order))
+
+  def _decode_jnp(self, enc: TurboCodes, order):
     d = self.code_dim(enc)
     pieces = []
     for values, z, norm, kappa in self._rotated_parts(enc, d):

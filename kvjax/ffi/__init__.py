@@ -89,13 +89,74 @@ def affine_decode(codes: jax.Array, scale: jax.Array, zero: jax.Array,
   # The handler broadcasts size-1 leading axes (vmap's "expand_dims"); give
   # every operand the output's rank.
   rank = len(lead)
-  codes = codes.reshape((1,) * (rank + 1 - codes.ndim) + codes.shape)
-  scale = scale.reshape((1,) * (rank - scale.ndim) + scale.shape)
-  zero = zero.reshape((1,) * (rank - zero.ndim) + zero.shape)
+  codes, scale, zero = (_with_rank(codes, rank + 1), _with_rank(scale, rank),
+                        _with_rank(zero, rank))
   call = jax.ffi.ffi_call(f"kvjax_q{bits}_decode", out_type,
                           vmap_method="expand_dims")
   return call(codes.astype(jnp.uint8), scale.astype(jnp.float32),
               zero.astype(jnp.float32))
+
+
+def _with_rank(a: jax.Array, rank: int) -> jax.Array:
+  """`a` with size-1 leading axes up to `rank` (the handlers broadcast them,
+  as vmap's "expand_dims" passes unbatched operands)."""
+  return a.reshape((1,) * (rank - a.ndim) + a.shape)
+
+
+def _turbo_attrs(bits, prod, order):
+  return dict(bits=np.asarray(bits, np.int32), prod=np.int32(prod),
+              has_order=np.int32(order is not None))
+
+
+def turbo_encode(x: jax.Array, order, tables: np.ndarray, bits, prod: bool,
+                 code_bytes: int, norm_count: int):
+  """TurboQuant encode of float32 `x: [..., D]` by the C++ kernels.
+
+  `order`: None, or int32 channel orders `[..., D]` broadcastable to `x`
+  (split formats); `tables`: `kvjax._turbo.TurboFormat.kernel_tables`;
+  `bits`: the instances' mse bits. Returns (codes uint8 `[..., code_bytes]`,
+  norms uint16 `[..., norm_count]`).
+  """
+  _require_loaded()
+  lead = x.shape[:-1]
+  out_types = (jax.ShapeDtypeStruct((*lead, code_bytes), jnp.uint8),
+               jax.ShapeDtypeStruct((*lead, norm_count), jnp.uint16))
+  order_operand = (jnp.zeros((1,) * x.ndim, jnp.int32) if order is None
+                   else _with_rank(jnp.asarray(order, jnp.int32), x.ndim))
+  call = jax.ffi.ffi_call("kvjax_turbo_encode", out_types, vmap_method="expand_dims")
+  return call(x.astype(jnp.float32), order_operand, jnp.asarray(tables, jnp.float32),
+              **_turbo_attrs(bits, prod, order))
+
+
+def turbo_decode(codes: jax.Array, norms: jax.Array, order, tables: np.ndarray,
+                 bits, prod: bool, head_dim: int) -> jax.Array:
+  """The inverse: float32 `[..., head_dim]`, channel c of an ordered vector
+  back at `order[c]`."""
+  _require_loaded()
+  codes, norms = jnp.asarray(codes, jnp.uint8), jnp.asarray(norms, jnp.uint16)
+  lead = np.broadcast_shapes(codes.shape[:-1], norms.shape[:-1])
+  rank = len(lead) + 1
+  order_operand = (jnp.zeros((1,) * rank, jnp.int32) if order is None
+                   else _with_rank(jnp.asarray(order, jnp.int32), rank))
+  call = jax.ffi.ffi_call("kvjax_turbo_decode",
+                          jax.ShapeDtypeStruct((*lead, head_dim), jnp.float32),
+                          vmap_method="expand_dims")
+  return call(_with_rank(codes, rank), _with_rank(norms, rank), order_operand,
+              jnp.asarray(tables, jnp.float32), **_turbo_attrs(bits, prod, order))
+
+
+def turbo_order(token: jax.Array, choose: jax.Array, previous: jax.Array) -> jax.Array:
+  """A split format's channel orders `[..., D]`: chosen from `token` (by
+  decreasing magnitude, NaN first, ties by channel) where `choose` (bool
+  `[...]`) is set, `previous` kept elsewhere."""
+  _require_loaded()
+  shape = np.broadcast_shapes(token.shape, previous.shape)
+  rank = len(shape)
+  call = jax.ffi.ffi_call("kvjax_turbo_order", jax.ShapeDtypeStruct(shape, jnp.int32),
+                          vmap_method="expand_dims")
+  return call(_with_rank(token.astype(jnp.float32), rank),
+              _with_rank(jnp.asarray(choose).astype(jnp.int32), rank - 1),
+              _with_rank(previous.astype(jnp.int32), rank))
 
 
 class StoreLayout(NamedTuple):

@@ -10,19 +10,9 @@
 #include <climits>
 #include <cstring>
 
+#include "float_bits.h"
+
 namespace kvjax {
-
-inline uint32_t FloatBits(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  return bits;
-}
-
-inline float BitsFloat(uint32_t bits) {
-  float x;
-  std::memcpy(&x, &bits, sizeof(x));
-  return x;
-}
 
 constexpr uint32_t kCanonicalNanBits = 0x7FC00000u;
 constexpr uint32_t kExponentMask = 0x7F800000u;  // all ones: Inf or NaN

@@ -9,13 +9,13 @@ namespace kvjax {
 std::vector<const KernelSet*> CompiledKernels() {
   // Built on first use: the variants' tables live in their own files.
 #if defined(__x86_64__) || defined(_M_X64)
-  static const KernelSet avx512_set{"avx512", avx512::kQ8Kernels, avx512::kQ4Kernels, avx512::AttendRun};
-  static const KernelSet avx2_set{"avx2", avx2::kQ8Kernels, avx2::kQ4Kernels, avx2::AttendRun};
+  static const KernelSet avx512_set{"avx512", avx512::kQ8Kernels, avx512::kQ4Kernels, avx512::kTurboKernels, avx512::AttendRun};
+  static const KernelSet avx2_set{"avx2", avx2::kQ8Kernels, avx2::kQ4Kernels, avx2::kTurboKernels, avx2::AttendRun};
 #endif
 #if defined(__aarch64__)
-  static const KernelSet neon_set{"neon", neon::kQ8Kernels, neon::kQ4Kernels, neon::AttendRun};
+  static const KernelSet neon_set{"neon", neon::kQ8Kernels, neon::kQ4Kernels, neon::kTurboKernels, neon::AttendRun};
 #endif
-  static const KernelSet scalar_set{"scalar", scalar::kQ8Kernels, scalar::kQ4Kernels, scalar::AttendRun};
+  static const KernelSet scalar_set{"scalar", scalar::kQ8Kernels, scalar::kQ4Kernels, scalar::kTurboKernels, scalar::AttendRun};
   return {
 #if defined(__x86_64__) || defined(_M_X64)
       &avx512_set, &avx2_set,

@@ -8,6 +8,7 @@
 
 #include "affine_kernels.h"
 #include "attention_kernels.h"
+#include "turbo_kernels.h"
 
 namespace kvjax {
 
@@ -15,6 +16,7 @@ struct KernelSet {
   const char* isa;
   FormatKernels q8;
   FormatKernels q4;
+  TurboKernels turbo;
   AttendRunFn attend;
 };
 

@@ -27,6 +27,9 @@ NB_MODULE(_kvjax_ffi, m) {
     d["kvjax_q4_encode"] = Capsule(kvjax::Q4Encode);
     d["kvjax_q8_decode"] = Capsule(kvjax::Q8Decode);
     d["kvjax_q4_decode"] = Capsule(kvjax::Q4Decode);
+    d["kvjax_turbo_encode"] = Capsule(kvjax::TurboEncode);
+    d["kvjax_turbo_decode"] = Capsule(kvjax::TurboDecode);
+    d["kvjax_turbo_order"] = Capsule(kvjax::TurboOrder);
     d["kvjax_attend"] = Capsule(kvjax::Attend);
     return d;
   });

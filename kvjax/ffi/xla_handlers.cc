@@ -9,6 +9,7 @@
 
 #include "kernels.h"
 #include "parallel_for.h"
+#include "turbo_format.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -174,6 +175,149 @@ ffi::Error DecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> codes,
   return ffi::Error::Success();
 }
 
+
+// The format of a turbo call from its attributes and table operand.
+ffi::Error TurboLayoutOf(int64_t head_dim, ffi::Span<const int32_t> bits, int32_t prod,
+                         const ffi::Buffer<ffi::F32>& tables, TurboLayout* layout) {
+  const std::string error = MakeTurboLayout(
+      static_cast<int>(head_dim), static_cast<int>(bits.size()), bits.begin(), prod != 0,
+      tables.typed_data(), static_cast<int64_t>(tables.element_count()), layout);
+  if (!error.empty()) return ffi::Error::InvalidArgument("kvjax turbo: " + error);
+  return ffi::Error::Success();
+}
+
+// For each vector of `lead`, its row in `order` (leading axes of size 1
+// broadcast); empty when the call has no order.
+ffi::Error OrderRows(const ffi::Buffer<ffi::S32>& order, int32_t has_order,
+                     ffi::Span<const int64_t> lead, int64_t head_dim,
+                     std::vector<int64_t>* rows) {
+  if (!has_order) return ffi::Error::Success();
+  const auto dims = order.dimensions();
+  const ffi::Span<const int64_t> order_lead(dims.begin(), dims.size() - 1);
+  if (dims.size() == 0 || dims.back() != head_dim || !Broadcastable(order_lead, lead)) {
+    return ffi::Error::InvalidArgument("kvjax turbo: order " + ShapeString(dims) +
+                                       " does not broadcast to " + ShapeString(lead) +
+                                       " x " + std::to_string(head_dim));
+  }
+  *rows = BroadcastIndex(order_lead, lead);
+  return ffi::Error::Success();
+}
+
+ffi::Error TurboEncodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::S32> order, ffi::Buffer<ffi::F32> tables,
+                           ffi::ResultBuffer<ffi::U8> codes, ffi::ResultBuffer<ffi::U16> norms,
+                           ffi::Span<const int32_t> bits, int32_t prod, int32_t has_order) {
+  if (ffi::Error e = CheckLoaded(); e.failure()) return e;
+  const auto dims = x.dimensions();
+  if (dims.size() == 0) return ffi::Error::InvalidArgument("kvjax turbo encode: x must be [..., D]");
+  TurboLayout f;
+  if (ffi::Error e = TurboLayoutOf(dims.back(), bits, prod, tables, &f); e.failure()) return e;
+  const int64_t d = f.head_dim;
+  const int64_t n = static_cast<int64_t>(x.element_count()) / d;
+  if (static_cast<int64_t>(codes->element_count()) != n * f.code_bytes ||
+      static_cast<int64_t>(norms->element_count()) != n * f.norm_count) {
+    return ffi::Error::InvalidArgument("kvjax turbo encode: output sizes do not match x " +
+                                       ShapeString(dims));
+  }
+  std::vector<int64_t> rows;
+  const ffi::Span<const int64_t> lead(dims.begin(), dims.size() - 1);
+  if (ffi::Error e = OrderRows(order, has_order, lead, d, &rows); e.failure()) return e;
+  const TurboEncodeFn encode = ActiveKernels().kernels->turbo.encode;
+  const float* in = x.typed_data();
+  const int32_t* orders = has_order ? order.typed_data() : nullptr;
+  const int64_t* row = rows.data();
+  uint8_t* c = codes->typed_data();
+  uint16_t* z = norms->typed_data();
+  // A vector costs about as much as 16 q4 elements per channel.
+  ParallelFor(pool, n, std::max<int64_t>(1, kElementsPerChunk / (16 * d)),
+              [=, &f](int64_t begin, int64_t end) {
+                encode(f, in + begin * d, end - begin, orders, orders ? row + begin : nullptr,
+                       c + begin * f.code_bytes, z + begin * f.norm_count);
+              });
+  return ffi::Error::Success();
+}
+
+ffi::Error TurboDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> codes,
+                           ffi::Buffer<ffi::U16> norms, ffi::Buffer<ffi::S32> order,
+                           ffi::Buffer<ffi::F32> tables, ffi::ResultBuffer<ffi::F32> out,
+                           ffi::Span<const int32_t> bits, int32_t prod, int32_t has_order) {
+  if (ffi::Error e = CheckLoaded(); e.failure()) return e;
+  const auto out_dims = out->dimensions();
+  const auto code_dims = codes.dimensions();
+  const auto norm_dims = norms.dimensions();
+  if (out_dims.size() == 0) return ffi::Error::InvalidArgument("kvjax turbo decode: out must be [..., D]");
+  TurboLayout f;
+  if (ffi::Error e = TurboLayoutOf(out_dims.back(), bits, prod, tables, &f); e.failure()) return e;
+  const ffi::Span<const int64_t> lead(out_dims.begin(), out_dims.size() - 1);
+  const ffi::Span<const int64_t> code_lead(code_dims.begin(), code_dims.size() - 1);
+  const ffi::Span<const int64_t> norm_lead(norm_dims.begin(), norm_dims.size() - 1);
+  if (code_dims.size() != out_dims.size() || norm_dims.size() != out_dims.size() ||
+      code_dims.back() != f.code_bytes || norm_dims.back() != f.norm_count ||
+      !Broadcastable(code_lead, lead) || !Broadcastable(norm_lead, lead)) {
+    return ffi::Error::InvalidArgument(
+        "kvjax turbo decode: codes " + ShapeString(code_dims) + " and norms " +
+        ShapeString(norm_dims) + " do not match the output " + ShapeString(out_dims) +
+        " (" + std::to_string(f.code_bytes) + " code bytes, " +
+        std::to_string(f.norm_count) + " norms per vector)");
+  }
+  const int64_t d = f.head_dim;
+  const int64_t n = static_cast<int64_t>(out->element_count()) / d;
+  std::vector<int64_t> rows;
+  if (ffi::Error e = OrderRows(order, has_order, lead, d, &rows); e.failure()) return e;
+  std::vector<uint8_t> codes_b;
+  std::vector<uint16_t> norms_b;
+  const uint8_t* c = Broadcast(codes.typed_data(), code_lead, lead, f.code_bytes, &codes_b);
+  const uint16_t* z = Broadcast(norms.typed_data(), norm_lead, lead, f.norm_count, &norms_b);
+  const TurboDecodeFn decode = ActiveKernels().kernels->turbo.decode;
+  const int32_t* orders = has_order ? order.typed_data() : nullptr;
+  const int64_t* row = rows.data();
+  float* o = out->typed_data();
+  ParallelFor(pool, n, std::max<int64_t>(1, kElementsPerChunk / (4 * d)),
+              [=, &f](int64_t begin, int64_t end) {
+                decode(f, c + begin * f.code_bytes, z + begin * f.norm_count, end - begin,
+                       orders, orders ? row + begin : nullptr, o + begin * d);
+              });
+  return ffi::Error::Success();
+}
+
+// A split format's channel order: where `choose` is set, chosen from `token`
+// (OutlierOrder); elsewhere `previous` kept. All three broadcast to the
+// output's leading axes.
+ffi::Error TurboOrderImpl(ffi::Buffer<ffi::F32> token, ffi::Buffer<ffi::S32> choose,
+                          ffi::Buffer<ffi::S32> previous, ffi::ResultBuffer<ffi::S32> out) {
+  const auto out_dims = out->dimensions();
+  const auto token_dims = token.dimensions();
+  const auto previous_dims = previous.dimensions();
+  if (out_dims.size() == 0 || out_dims.back() > kMaxTurboDim || out_dims.back() < 1 ||
+      token_dims.size() != out_dims.size() || previous_dims.size() != out_dims.size() ||
+      token_dims.back() != out_dims.back() || previous_dims.back() != out_dims.back()) {
+    return ffi::Error::InvalidArgument("kvjax turbo order: token " + ShapeString(token_dims) +
+                                       " and previous " + ShapeString(previous_dims) +
+                                       " do not match " + ShapeString(out_dims));
+  }
+  const int64_t d = out_dims.back();
+  const ffi::Span<const int64_t> lead(out_dims.begin(), out_dims.size() - 1);
+  const ffi::Span<const int64_t> token_lead(token_dims.begin(), token_dims.size() - 1);
+  const ffi::Span<const int64_t> previous_lead(previous_dims.begin(), previous_dims.size() - 1);
+  if (!Broadcastable(token_lead, lead) || !Broadcastable(previous_lead, lead) ||
+      !Broadcastable(choose.dimensions(), lead)) {
+    return ffi::Error::InvalidArgument("kvjax turbo order: operands do not broadcast to " +
+                                       ShapeString(lead));
+  }
+  const std::vector<int64_t> token_row = BroadcastIndex(token_lead, lead);
+  const std::vector<int64_t> previous_row = BroadcastIndex(previous_lead, lead);
+  const std::vector<int64_t> choose_row = BroadcastIndex(choose.dimensions(), lead);
+  int32_t* o = out->typed_data();
+  for (size_t r = 0; r < token_row.size(); ++r) {
+    if (choose.typed_data()[choose_row[r]]) {
+      OutlierOrder(token.typed_data() + token_row[r] * d, static_cast<int>(d), o + r * d);
+    } else {
+      std::copy_n(previous.typed_data() + previous_row[r] * d, d, o + r * d);
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define KVJAX_DEFINE_ENCODE(name, bits)                                   \
@@ -197,5 +341,34 @@ KVJAX_DEFINE_ENCODE(Q8Encode, 8)
 KVJAX_DEFINE_ENCODE(Q4Encode, 4)
 KVJAX_DEFINE_DECODE(Q8Decode, 8)
 KVJAX_DEFINE_DECODE(Q4Decode, 4)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TurboEncode, TurboEncodeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // order
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // tables
+                                  .Ret<ffi::Buffer<ffi::U8>>()   // codes
+                                  .Ret<ffi::Buffer<ffi::U16>>()  // norms
+                                  .Attr<ffi::Span<const int32_t>>("bits")
+                                  .Attr<int32_t>("prod")
+                                  .Attr<int32_t>("has_order"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TurboDecode, TurboDecodeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // codes
+                                  .Arg<ffi::Buffer<ffi::U16>>()  // norms
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // order
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // tables
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int32_t>>("bits")
+                                  .Attr<int32_t>("prod")
+                                  .Attr<int32_t>("has_order"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TurboOrder, TurboOrderImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // token
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // choose
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // previous
+                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 }  // namespace kvjax
