@@ -77,18 +77,49 @@ inline void PackLanes(const I* code, int m, int bits, int lanes, uint8_t* out, i
   }
 }
 
-// Per lane, the codes of `bits` bits from `in + lane * stride`, as I per channel.
+// Per lane, the codes of `bits` bits from `in + lane * stride`, as I per
+// channel. The words are gathered with scalar stores first and loaded as
+// vectors afterwards (loading each right after its stores would stall).
 inline void UnpackLanes(const uint8_t* in, int64_t stride, int m, int bits, int lanes, I* code) {
   const int32_t mask = (1 << bits) - 1;
-  for (int g = 0; g < m / 8; ++g) {
-    I word{};
-    for (int l = 0; l < lanes; ++l) {
-      const uint8_t* src = in + l * stride + g * bits;
+  const int groups = m / 8;
+  int32_t* words = reinterpret_cast<int32_t*>(code + m - groups);  // the last channels' slots
+  for (int l = 0; l < kLanes; ++l) {
+    for (int g = 0; g < groups; ++g) {
       uint32_t w = 0;
-      for (int b = 0; b < bits; ++b) w |= uint32_t{src[b]} << (8 * b);
-      word[l] = static_cast<int32_t>(w);
+      if (l < lanes) {
+        const uint8_t* src = in + l * stride + g * bits;
+        for (int b = 0; b < bits; ++b) w |= uint32_t{src[b]} << (8 * b);
+      }
+      words[g * kLanes + l] = static_cast<int32_t>(w);
     }
+  }
+  // Group g's word sits in slot m - groups + g >= 8 g, so it is read before
+  // channels 8 g .. 8 g + 7 overwrite it.
+  for (int g = 0; g < groups; ++g) {
+    I word;
+    std::memcpy(&word, words + g * kLanes, sizeof(I));
     for (int k = 0; k < 8; ++k) code[8 * g + k] = (word >> (k * bits)) & mask;
+  }
+}
+
+// Boundaries strictly below each y[c], four channels at a time (independent
+// chains, each boundary broadcast once per four).
+inline void CountBelow(const F* y, int m, const float* boundaries, int count, I* code) {
+  for (int c = 0; c < m; c += 4) {
+    I n0{}, n1{}, n2{}, n3{};
+    const F y0 = y[c], y1 = y[c + 1], y2 = y[c + 2], y3 = y[c + 3];
+    for (int b = 0; b < count; ++b) {
+      const F bound = Splat(boundaries[b]);
+      n0 -= y0 > bound;
+      n1 -= y1 > bound;
+      n2 -= y2 > bound;
+      n3 -= y3 > bound;
+    }
+    code[c] = n0;
+    code[c + 1] = n1;
+    code[c + 2] = n2;
+    code[c + 3] = n3;
   }
 }
 
@@ -99,15 +130,21 @@ inline void EncodeTile(const TurboLayout& f, const float* x, int lanes, const in
   F* xt = scratch;
   F* y = scratch + d;
   F* tmp = scratch + 2 * d;
-  I bad{};
-  for (int c = 0; c < d; ++c) {
-    F v{};
-    for (int l = 0; l < lanes; ++l) {
-      v[l] = x[l * d + (orders ? orders[order_row[l] * d + c] : c)];
+  // Transpose in with scalar stores; lanes past `lanes` are zeros.
+  float* xf = reinterpret_cast<float*>(xt);
+  for (int l = 0; l < kLanes; ++l) {
+    const float* row = x + l * d;
+    const int32_t* order = orders && l < lanes ? orders + order_row[l] * d : nullptr;
+    if (l >= lanes) {
+      for (int c = 0; c < d; ++c) xf[c * kLanes + l] = 0.0f;
+    } else if (order) {
+      for (int c = 0; c < d; ++c) xf[c * kLanes + l] = row[order[c]];
+    } else {
+      for (int c = 0; c < d; ++c) xf[c * kLanes + l] = row[c];
     }
-    bad |= reinterpret_cast<I>(Abs(v)) >= 0x7F800000;  // NaN or +-Inf
-    xt[c] = v;
   }
+  I bad{};
+  for (int c = 0; c < d; ++c) bad |= reinterpret_cast<I>(Abs(xt[c])) >= 0x7F800000;  // NaN, Inf
   // A lane holding a non-finite vector encodes zeros and gets NaN norms.
   for (int c = 0; c < d; ++c) xt[c] = Select(bad, F{}, xt[c]);
   F norm_out[kMaxTurboInstances + 1];
@@ -137,14 +174,11 @@ inline void EncodeTile(const TurboLayout& f, const float* x, int lanes, const in
     F* residual = tmp;  // the norm's squares are no longer needed
     if (in.bits) {
       I* code = reinterpret_cast<I*>(xt + in.start);  // this instance's input is consumed
-      const int levels = 1 << in.bits;
-      for (int c = 0; c < m; ++c) {
-        I count{};
-        for (int b = 0; b + 1 < levels; ++b) count -= y[c] > in.boundaries[b];
-        code[c] = count;
-        if (f.prod) {
+      CountBelow(y, m, in.boundaries, (1 << in.bits) - 1, code);
+      if (f.prod) {
+        for (int c = 0; c < m; ++c) {
           F centroid;
-          for (int l = 0; l < kLanes; ++l) centroid[l] = in.centroids[count[l]];
+          for (int l = 0; l < kLanes; ++l) centroid[l] = in.centroids[code[c][l]];
           residual[c] = y[c] - centroid;
         }
       }
@@ -228,9 +262,15 @@ inline void DecodeTile(const TurboLayout& f, const uint8_t* codes, const uint16_
     Hadamard(y, m);
     for (int c = 0; c < m; ++c) xt[in.start + c] = ((y[c] * in.rotate_scale) * in.signs[c]) * norm;
   }
-  for (int c = 0; c < d; ++c) {
-    const F v = xt[c];
-    for (int l = 0; l < lanes; ++l) out[l * d + (orders ? orders[order_row[l] * d + c] : c)] = v[l];
+  const float* xf = reinterpret_cast<const float*>(xt);
+  for (int l = 0; l < lanes; ++l) {
+    float* row = out + l * d;
+    if (orders) {
+      const int32_t* order = orders + order_row[l] * d;
+      for (int c = 0; c < d; ++c) row[order[c]] = xf[c * kLanes + l];
+    } else {
+      for (int c = 0; c < d; ++c) row[c] = xf[c * kLanes + l];
+    }
   }
 }
 
