@@ -38,7 +38,9 @@ def cmake_build(build_dir: pathlib.Path, *defines: str) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def sanitized_build(tmp_path_factory):
-  defines = ["-DKVJAX_SANITIZE=ON"]
+  # -O1: the sanitized programs build in a third of -O3's time and still
+  # inline the SIMD helpers.
+  defines = ["-DKVJAX_SANITIZE=ON", "-DCMAKE_CXX_FLAGS_RELEASE=-O1 -DNDEBUG"]
   if SIMDE_HEADER.exists():
     defines.append("-DKVJAX_AVX512_VIA_SIMDE=ON")
   return cmake_build(tmp_path_factory.mktemp("native"), *defines)

@@ -6,8 +6,10 @@ Run in a subprocess per variant (the variant is chosen once per process):
 
 Compares backend="ffi", eagerly and under jit, with backend="jax" for
 encode and decode of q8 and q4, on the committed golden files, the
-adversarial groups at several D, and 2^20 random values; prints one JSON line
-with the mismatch counts and exits non-zero on any mismatch.
+adversarial groups at several D, and 2^20 random values; then of every turbo
+format on the adversarial groups and 2^18 random values at D=128 each (split
+formats with a random channel order per vector); prints one JSON line with
+the mismatch counts and exits non-zero on any mismatch.
 """
 
 import json
@@ -17,6 +19,7 @@ import jax
 import numpy as np
 
 import kvjax
+from kvjax import _turbo
 from tests import golden
 from tests.affine_inputs import adversarial_groups, random_groups
 
@@ -70,6 +73,20 @@ def main():
             mismatches(np.asarray(g)[:n], w)
             for g, w in zip(sources["ffi-jit"], file))
       checked += x.size
+  rng = np.random.default_rng(8)
+  x = np.concatenate([adversarial_groups(128), rng.normal(size=(2048, 128)) * 3]).astype(np.float32)
+  orders = np.argsort(rng.random((len(x), 128)), -1).astype(np.int32)
+  for name, fmt in _turbo.FORMATS.items():
+    order = orders if fmt.split else None
+    def run(x, order, backend, fmt=fmt):
+      enc = fmt.encode(x, order, backend=backend)
+      return (*enc, fmt.decode(enc, order, backend=backend))
+    want = jax.jit(run, static_argnums=2)(x, order, "jax")
+    sources = {"ffi-eager": run(x, order, "ffi"),
+               "ffi-jit": jax.jit(run, static_argnums=2)(x, order, "ffi")}
+    for source, got in sources.items():
+      counts[f"{name}/d128/{source}"] = sum(mismatches(g, w) for g, w in zip(got, want))
+    checked += x.size
   bad = {k: v for k, v in counts.items() if v}
   print(json.dumps({"isa": info["isa"], "values_per_source": checked,
                     "cases": len(counts), "mismatched": bad}))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import kvjax
+from kvjax import _turbo
 from tests import golden
 from tests import reference
 from tests.affine_inputs import adversarial_groups, random_groups
@@ -44,6 +45,44 @@ def random_cases(tmp_path_factory):
   return cases
 
 
+@pytest.fixture(scope="session")
+def turbo_random_cases(tmp_path_factory):
+  """(tables file, groups file, expected) per turbo format: 1024 random and
+  outlier-channel vectors at D=128 plus the adversarial groups at D=64
+  (1.4M values over the formats), expected from the jnp reference."""
+  directory = tmp_path_factory.mktemp("turbo")
+  rng = np.random.default_rng(11)
+  inputs = {128: np.concatenate([
+      rng.normal(size=(768, 128)) * 2,
+      rng.normal(size=(256, 128)) * np.where(rng.random(128) < 0.1, 25.0, 1.0)]),
+      64: adversarial_groups(64)}
+  cases = []
+  for d, x in inputs.items():
+    x = x.astype(np.float32)
+    groups_file = directory / f"groups_d{d}.bin"
+    golden.write_groups(groups_file, x)
+    for name, fmt in _turbo.FORMATS.items():
+      tables_file = directory / f"tables_{name}_d{d}.bin"
+      golden.write_turbo_tables(tables_file, fmt, d)
+      cases.append((f"{name}/d{d}", tables_file, groups_file, golden.turbo_reference(x, fmt)))
+  return cases
+
+
+def turbo_golden_cases():
+  return [(golden.turbo_tables_path(name, d), golden.turbo_groups_path(d),
+           golden.turbo_encoded_path(name, d))
+          for name in _turbo.FORMATS for d in golden.TURBO_DIMS]
+
+
+def run_turbo_tool(command_prefix, tool, isa, tables_file, groups_file, out_file):
+  proc = subprocess.run([*command_prefix, str(tool), "--format", "turbo", "--tables",
+                         str(tables_file), "--isa", isa, str(groups_file), str(out_file)],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "runtime error" not in proc.stderr and "Sanitizer" not in proc.stderr, proc.stderr
+  return golden.read_turbo_encoded(out_file)
+
+
 def golden_cases():
   return [(fmt, golden.groups_path(d), golden.encoded_path(fmt, d))
           for fmt, sizes in golden.GROUP_SIZES.items() for d in sizes]
@@ -58,8 +97,22 @@ def run_tool(command_prefix, tool, fmt, isa, groups_file, out_file):
   return golden.read_encoded(out_file)[1]
 
 
-def check_variant(command_prefix, tool, isa, random_cases, tmp_path):
-  """Golden files byte for byte, then 2^20+ random values bit for bit."""
+def check_variant(command_prefix, tool, isa, random_cases, tmp_path, turbo_cases=()):
+  """Golden files byte for byte, then 2^20+ random values bit for bit (q8 and
+  q4, then every turbo format)."""
+  for tables_file, groups_file, encoded_file in turbo_golden_cases():
+    out = tmp_path / encoded_file.name
+    run_turbo_tool(command_prefix, tool, isa, tables_file, groups_file, out)
+    assert out.read_bytes() == encoded_file.read_bytes(), (isa, encoded_file.name)
+  turbo_values = 0
+  for name, tables_file, groups_file, want in turbo_cases:
+    got = run_turbo_tool(command_prefix, tool, isa, tables_file, groups_file,
+                         tmp_path / "turbo_out.bin")
+    for field, g, w in zip(golden.TurboEncoded._fields, got, want):
+      mismatched = np.sum(g.view(np.uint8) != w.view(np.uint8))
+      assert mismatched == 0, f"{isa} {name} {field}: {mismatched} bytes differ"
+    turbo_values += want.decoded.size
+  assert not turbo_cases or turbo_values >= 2**20
   values = 0
   for fmt, groups_file, encoded_file in golden_cases():
     out = tmp_path / f"{fmt}_{groups_file.name}"
@@ -75,30 +128,33 @@ def check_variant(command_prefix, tool, isa, random_cases, tmp_path):
 
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
-def test_native_variant_sanitized(isa, sanitized_build, random_cases, tmp_path):
+def test_native_variant_sanitized(isa, sanitized_build, random_cases, turbo_random_cases,
+                                  tmp_path):
   tool = sanitized_build / "kvjax_golden"
   listing = subprocess.run([str(tool), "--list"], capture_output=True, text=True).stdout
   if f"{isa} supported" not in listing:
     pytest.skip(f"this machine does not run {isa} natively ({listing.split()})")
-  check_variant([], tool, isa, random_cases, tmp_path)
+  check_variant([], tool, isa, random_cases, tmp_path, turbo_random_cases)
 
 
-def test_avx512_source_under_simde(sanitized_build, random_cases, tmp_path):
+def test_avx512_source_under_simde(sanitized_build, random_cases, turbo_random_cases,
+                                   tmp_path):
   """The AVX-512 kernels' source on SIMDe's portable intrinsics: the same
   bits on any x86-64 CPU (hardware AVX-512 runs in the test above when the
-  CPU has it)."""
+  CPU has it). The turbo AVX-512 source has no intrinsics: there it is the
+  same 16-lane vector code built for the baseline target."""
   if not SIMDE_HEADER.exists():
     missing("SIMDe headers are not installed (package libsimde-dev)")
   check_variant([], sanitized_build / "kvjax_golden_simde", "avx512",
-                random_cases, tmp_path)
+                random_cases, tmp_path, turbo_random_cases)
 
 
-def test_neon_under_qemu(aarch64_build, random_cases, tmp_path):
+def test_neon_under_qemu(aarch64_build, random_cases, turbo_random_cases, tmp_path):
   tool = aarch64_build / "kvjax_golden"
   listing = subprocess.run(["qemu-aarch64", str(tool), "--list"],
                            capture_output=True, text=True).stdout
   assert "neon supported" in listing, listing
-  check_variant(["qemu-aarch64"], tool, "neon", random_cases, tmp_path)
+  check_variant(["qemu-aarch64"], tool, "neon", random_cases, tmp_path, turbo_random_cases)
 
 
 def test_golden_files_match_the_numpy_model():
@@ -125,7 +181,12 @@ def test_program_rejects_bad_input(sanitized_build, tmp_path):
   truncated.write_bytes(groups_file.read_bytes()[:-3])
   out = str(tmp_path / "out.bin")
   for args, message in [
-      (["--format", "q3", str(groups_file), out], "--format: expected q8 or q4"),
+      (["--format", "q3", str(groups_file), out], "--format: expected q8, q4 or turbo"),
+      (["--format", "turbo", str(groups_file), out], "--tables: required"),
+      (["--format", "turbo", "--tables", str(groups_file), str(groups_file), out],
+       "not a kvjax turbo tables file"),
+      (["--format", "turbo", "--tables", str(golden.turbo_tables_path("turbo4", 16)),
+        str(golden.groups_path(17)), out], "the groups have 17 values, the tables are for 16"),
       (["--format", "q4", str(groups_file), out], "q4 needs an even group_size"),
       (["--format", "q8", "--isa", "sse9", str(groups_file), out], "--isa=sse9: unknown"),
       (["--format", "q8", str(bad_magic), out], "not a kvjax groups file"),
@@ -134,3 +195,18 @@ def test_program_rejects_bad_input(sanitized_build, tmp_path):
   ]:
     proc = subprocess.run([tool, *args], capture_output=True, text=True)
     assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
+
+
+def test_turbo_golden_files_pin_the_tables_and_the_reference():
+  """The committed tables are the ones kvjax hands the kernels, and the
+  committed outputs are what the jnp reference makes of the groups now."""
+  for name, fmt in _turbo.FORMATS.items():
+    for d in golden.TURBO_DIMS:
+      np.testing.assert_array_equal(
+          golden.read_turbo_tables(golden.turbo_tables_path(name, d)).view(np.uint32),
+          fmt.kernel_tables(d).view(np.uint32))
+  for name in ("turbo4", "turbo3.5", "turbo2p"):
+    x = golden.read_groups(golden.turbo_groups_path(128))
+    want = golden.read_turbo_encoded(golden.turbo_encoded_path(name, 128))
+    for g, w in zip(golden.turbo_reference(x, _turbo.FORMATS[name]), want):
+      np.testing.assert_array_equal(np.asarray(g).view(np.uint8), np.asarray(w).view(np.uint8))
