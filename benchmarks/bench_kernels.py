@@ -1,5 +1,6 @@
-"""q8/q4 encode and decode throughput of each C++ kernel variant, against the
-jitted jnp reference and against a numpy copy of the same array.
+"""q8 / q4 / TurboQuant encode and decode throughput of each C++ kernel
+variant, against the jitted jnp reference and against a numpy copy of the
+same array; and cache appends (1 and 512 tokens) with either encoder.
 
     python benchmarks/bench_kernels.py [--quick]
 
@@ -27,15 +28,18 @@ from _timing import interleaved, write
 
 SHAPE = (4096, 8, 128)
 QUICK_SHAPE = (256, 8, 128)
+FORMATS = ("q8", "q4", "turbo4", "turbo3.5", "turbo2.5", "turbo2")
+QUICK_FORMATS = ("q4", "turbo3.5")
+APPEND_FORMATS = ("q8", "q4", "turbo4", "turbo3.5")
 
 
-def measure(shape, rounds, steps) -> dict:
+def measure(shape, rounds, steps, formats) -> dict:
   """In the child: times for the variant this process loaded."""
   x_np = np.random.default_rng(0).normal(size=shape).astype(np.float32)
   x = jax.device_put(x_np)
   candidates = {"numpy_copy": (lambda _, a: np.copy(a), None, (x_np,))}
   encoded = {}
-  for fmt in ("q8", "q4"):
+  for fmt in formats:
     for backend in ("jax", "ffi"):
       enc = jax.jit(lambda a, f=fmt, b=backend: kvjax.quantize(a, f, backend=b))
       dec = jax.jit(lambda e, f=fmt, b=backend: kvjax.dequantize(e, f, backend=b))
@@ -48,7 +52,7 @@ def measure(shape, rounds, steps) -> dict:
   copy_bandwidth = 2 * x_bytes / times["numpy_copy"]
   result = {"isa": kvjax.backend_info()["isa"], "shape": list(shape),
             "seconds": times, "speedup_over_jnp": {}, "fraction_of_copy_bandwidth": {}}
-  for fmt in ("q8", "q4"):
+  for fmt in formats:
     encoded_bytes = sum(np.asarray(a).nbytes for a in encoded[fmt])
     for op, moved in (("encode", x_bytes + encoded_bytes),
                       ("decode", encoded_bytes + x_bytes)):
@@ -56,15 +60,16 @@ def measure(shape, rounds, steps) -> dict:
       ffi_time = times[f"{key}_ffi"]
       result["speedup_over_jnp"][key] = times[f"{key}_jax"] / ffi_time
       result["fraction_of_copy_bandwidth"][key] = moved / ffi_time / copy_bandwidth
-  result["append_speedup_over_jnp"] = append_speedups(shape[0] // 8, rounds, steps)
+  result["append_speedup_over_jnp"] = append_speedups(
+      shape[0] // 8, rounds, steps, [f for f in APPEND_FORMATS if f in formats])
   return result
 
 
-def append_speedups(prefill, rounds, steps) -> dict:
+def append_speedups(prefill, rounds, steps, formats) -> dict:
   """Cache append with KVJAX_BACKEND=jax against "auto" (the kernels)."""
   h, d = SHAPE[1], SHAPE[2]
   speedups = {}
-  for store in ("q8", "q4"):
+  for store in formats:
     spec = kvjax.CacheSpec(num_kv_heads=h, head_dim=d, capacity=4096, tail=256,
                            migrate_batch=64, store=store, hot_dtype="bfloat16")
     candidates = {}
@@ -92,7 +97,7 @@ def main():
   shape = QUICK_SHAPE if args.quick else SHAPE
   rounds, steps = (2, 3) if args.quick else (9, 20)
   if args.child:
-    print(json.dumps(measure(shape, rounds, steps)))
+    print(json.dumps(measure(shape, rounds, steps, QUICK_FORMATS if args.quick else FORMATS)))
     return 0
   info = kvjax.backend_info()
   if not info["ffi_loaded"]:
@@ -106,10 +111,10 @@ def main():
                           text=True, check=True)
     results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
   print(f"input float32 {list(shape)}; ratios of medians, measured in alternation per variant")
-  print(f"{'variant':8s} {'op':10s} {'x jnp (jit)':>12s} {'of copy bw':>11s}")
+  print(f"{'variant':8s} {'op':16s} {'x jnp (jit)':>12s} {'of copy bw':>11s}")
   for r in results:
     for key, speedup in r["speedup_over_jnp"].items():
-      print(f"{r['isa']:8s} {key:10s} {speedup:11.2f}x "
+      print(f"{r['isa']:8s} {key:16s} {speedup:11.2f}x "
             f"{r['fraction_of_copy_bandwidth'][key]:10.0%}")
   print("cache append (donated), jnp encoder time / kernel time:")
   for r in results:
@@ -123,6 +128,8 @@ def main():
             for key in r[kind]}
   write("kernels_quick" if args.quick else "kernels",
         {"ratios": ratios, "variants": results, "not_runnable_here": missing,
+         "bars": {"best variant q4_encode >=": 3, "best variant turbo3.5_encode >=": 3,
+                  "best variant turbo4_encode >=": 3},
          "threads": "XLA's intra-op pool", "cpu_count": os.cpu_count()})
   return 0
 

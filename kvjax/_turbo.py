@@ -1,4 +1,5 @@
-"""TurboQuant store formats (Zandieh et al., arXiv 2504.19874) in pure jnp.
+"""TurboQuant store formats (Zandieh et al., arXiv 2504.19874): the jnp
+reference, and the C++ kernels with the same bits on CPU (`backend`).
 
 One *instance* quantizes a vector of `m` channels (m a power of two):
 
