@@ -2,6 +2,7 @@
 reference's bits (eagerly and under jit), under vmap and scan too; a cache
 built with either backend is identical; the fallback is honest."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -208,9 +209,9 @@ def test_handlers_reject_bad_shapes_clearly():
 
 
 def test_ffi_backend_only_for_formats_with_kernels():
-  with pytest.raises(ValueError, match="C\\+\\+ kernels for q8 and q4, not "
-                     "for 'turbo3.5'"):
-    kvjax.quantize(np.zeros((2, 64), np.float32), "turbo3.5", backend="ffi")
+  with pytest.raises(ValueError, match="C\\+\\+ kernels for q8, q4 and the turbo "
+                     "formats, not for 'bf16'"):
+    kvjax.quantize(np.zeros((2, 64), np.float32), "bf16", backend="ffi")
 
 
 @needs_ffi
@@ -226,6 +227,9 @@ def test_other_platforms_lower_to_the_jnp_path():
   append = jax.export.export(jax.jit(kvjax.append), platforms=["cuda"])(
       kvjax.init(spec), x[:1], x[:1]).mlir_module()
   assert "kvjax_q4_encode" not in append
+  turbo_append = jax.export.export(jax.jit(kvjax.append), platforms=["cuda"])(
+      kvjax.init(dataclasses.replace(spec, store="turbo3.5")), x[:1], x[:1]).mlir_module()
+  assert "kvjax_turbo" not in turbo_append
   assert "kvjax_q8_encode" in encode.lower(x).as_text()  # and on CPU it is
 
 
