@@ -35,7 +35,7 @@ def bits(a):
 
 
 def assert_same_bits(got, want):
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(bits(g), bits(w))
 
 

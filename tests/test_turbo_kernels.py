@@ -13,19 +13,11 @@ import pytest
 
 import kvjax
 from kvjax import _turbo
+from tests.test_ffi_kernels import assert_same_bits
 
 INFO = kvjax.backend_info()
 needs_ffi = pytest.mark.skipif(not INFO["ffi_loaded"],
                                reason=f"C++ kernels not loaded: {INFO['reason']}")
-
-
-def bits(tree):
-  return [np.asarray(a).view(np.uint8) for a in jax.tree.leaves(tree)]
-
-
-def assert_same_bits(got, want):
-  for g, w in zip(bits(got), bits(want), strict=True):
-    np.testing.assert_array_equal(g, w)
 
 
 def filled_cache(store):
