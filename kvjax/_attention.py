@@ -102,12 +102,14 @@ def _weighted_values(fmt, p, visible, values):
   return fmt.weighted_sum(p, fmt.without_tokens(values, ok)), nan
 
 
-def _update(state: _Softmax, query: _Query, fmt, prepared_q, keys, values,
+def _update(state: _Softmax, query: _Query, formats, prepared_q, keys, values,
             key_pos, key_ok, *, store: bool):
-  """Folds one block (`keys`, `values` encoded as `fmt`, leaves `[H, B, ...]`;
-  `key_pos`, `key_ok`: `[B]`; `prepared_q` from `fmt.prepare_query`) into
-  `state`, accumulating into `store_acc` if `store` else `acc`."""
-  s = fmt.scores(prepared_q, keys)  # [H, M, B]
+  """Folds one block (`keys`, `values` encoded as `formats`, a (keys,
+  values) pair, leaves `[H, B, ...]`; `key_pos`, `key_ok`: `[B]`;
+  `prepared_q` from the key format's `prepare_query`) into `state`,
+  accumulating into `store_acc` if `store` else `acc`."""
+  key_format, value_format = formats
+  s = key_format.scores(prepared_q, keys)  # [H, M, B]
   if query.softcap is not None:
     s = query.softcap * jnp.tanh(s / query.softcap)
   visible = visible_keys(query, key_pos, key_ok)
@@ -120,7 +122,7 @@ def _update(state: _Softmax, query: _Query, fmt, prepared_q, keys, values,
   p = jnp.exp(s - shift[..., None])
   correction = jnp.exp(jnp.where(nan, 0.0, state.max - shift))[..., None]
   acc, store_acc = state.acc * correction, state.store_acc * correction
-  weighted, bad_values = _weighted_values(fmt, p, visible, values)
+  weighted, bad_values = _weighted_values(value_format, p, visible, values)
   if store:
     store_acc = store_acc + weighted
   else:
@@ -235,7 +237,7 @@ def _attend(cache, q, q_pos, scale, window, softcap, layer, *, block_size,
       q=qh * jnp.asarray(scale, jnp.float32),
       pos=jnp.tile(jnp.asarray(q_pos, jnp.int32), group),
       window=window, softcap=softcap)
-  order = _state.small_leaf(stack.store_order, layer) if _state.store_format(spec).split else None
+  order = _state.small_leaf(stack.store_order, layer) if _state.store_split(spec) else None
   args = (stack, cache, layer, query, order, block_size)
   mode = _resolve_implementation(implementation, n_q)
   if mode == "xla":
@@ -282,46 +284,56 @@ def _attend_kernel(stack, cache, layer, query, order, block_size):
   del cache, block_size
   spec = stack.spec
   d = spec.head_dim
-  hot, store = _state.hot_format(spec), _state.store_format(spec)
+  hot, (key, value) = _state.hot_format(spec), _state.store_formats(spec)
   # The kernel reads the leaves as they are (a stack's with its layer axis).
   counters = (stack.length, stack.evicted, stack.tail_count)
   hot_leaves = tuple(x.data for x in (stack.sink_k, stack.sink_v, stack.tail_k, stack.tail_v))
-  store_leaves = [store.kernel_leaves(t) for t in (stack.store_k, stack.store_v)]
-  q_store = store.flat_query(store.prepare_query(query.q, None if order is None else order[0]))
+  q_store = key.flat_query(_prepare_query(key, query.q, order))
   out_hot, out_store = ffi.attend(
       query.q, q_store, query.pos, counters, layer,
-      query.window, query.softcap, hot_leaves, *store_leaves,
-      hot.kernel_layout(d), store.kernel_layout(d))
-  return out_hot + store.finish(out_store, None if order is None else order[1])
+      query.window, query.softcap, hot_leaves, key.kernel_leaves(stack.store_k),
+      value.kernel_leaves(stack.store_v), hot.kernel_layout(d), key.kernel_layout(d),
+      value.kernel_layout(d), value.accumulator_dim(d))
+  return out_hot + _finish(value, out_store, order)
+
+
+def _prepare_query(key_format, q, order):
+  """`q` in the key format's domain (with the keys' channel order if split)."""
+  return key_format.prepare_query(q, order[0] if key_format.split else None)
+
+
+def _finish(value_format, acc, order):
+  """The value format's accumulator back in the channel domain."""
+  return value_format.finish(acc, order[1] if value_format.split else None)
 
 
 def _attend_xla(stack, cache, layer, query, order, block_size):
   """The jnp path: `[H, M, D]` attention output of the scaled query rows."""
   spec = cache.spec
   h, rows, d = query.q.shape
-  hot, store = _state.hot_format(spec), _state.store_format(spec)
+  hot, (key, value) = _state.hot_format(spec), _state.store_formats(spec)
   state = _Softmax(jnp.full((h, rows), -jnp.inf, jnp.float32),
                    jnp.zeros((h, rows), jnp.float32),
                    jnp.zeros((h, rows, d), jnp.float32),
-                   jnp.zeros((h, rows, store.accumulator_dim(d)), jnp.float32),
+                   jnp.zeros((h, rows, value.accumulator_dim(d)), jnp.float32),
                    jnp.zeros((h, rows), bool), jnp.zeros((h, rows), bool))
   end = _state.nonsink_count(cache)
   if spec.sinks:
     slot = jnp.arange(spec.sinks, dtype=jnp.int32)
     sink_k, sink_v = (jax.tree.map(lambda a: _state.small_leaf(a, layer), x)
                       for x in (stack.sink_k, stack.sink_v))
-    state = _update(state, query, hot, query.q, sink_k, sink_v, slot,
+    state = _update(state, query, (hot, hot), query.q, sink_k, sink_v, slot,
                     slot < _state.sink_count(cache), store=False)
-  store_q = store.prepare_query(query.q, None if order is None else order[0])
+  store_q = _prepare_query(key, query.q, order)
   state = _attend_store(stack, cache, layer, query, store_q, state, block_size)
   slot = jnp.arange(spec.tail_slots, dtype=jnp.int32)
   j = _state.ring_index(slot, end, spec.tail_slots)
   tail_k, tail_v = (jax.tree.map(lambda a: _state.small_leaf(a, layer), x)
                     for x in (stack.tail_k, stack.tail_v))
-  state = _update(state, query, hot, query.q, tail_k, tail_v,
+  state = _update(state, query, (hot, hot), query.q, tail_k, tail_v,
                   spec.sinks + j, j >= end - cache.tail_count, store=False)
 
-  acc = state.acc + store.finish(state.store_acc, None if order is None else order[1])
+  acc = state.acc + _finish(value, state.store_acc, order)
   # A row that saw keys whose logits are all -inf has denom 0: 0/0 is NaN, as
   # in the reference.
   out = jnp.where(state.seen[..., None], acc / state.denom[..., None], 0.0)
@@ -348,7 +360,7 @@ def _attend_store(stack: KVCache, cache: KVCache, layer, query: _Query,
   first = jnp.mod(cache.evicted, slots) // size
   end = _state.nonsink_count(cache)
   store_end = end - cache.tail_count
-  fmt = _state.store_format(spec)
+  formats = _state.store_formats(spec)
 
   def body(carry):
     i, st = carry
@@ -360,7 +372,7 @@ def _attend_store(stack: KVCache, cache: KVCache, layer, query: _Query,
     take = lambda a: _state.token_block(a, start, size, layer)
     keys = jax.tree.map(take, stack.store_k)
     values = jax.tree.map(take, stack.store_v)
-    return i + 1, _update(st, query, fmt, store_q, keys, values,
+    return i + 1, _update(st, query, formats, store_q, keys, values,
                           spec.sinks + j, ok, store=True)
 
   _, state = jax.lax.while_loop(lambda c: c[0] < steps, body,

@@ -39,6 +39,16 @@ def canonical_hot_dtype(value):
   return name if name in HOT_DTYPES else None
 
 
+def _store_names(store):
+  """(key format, value format) names of a `store` value, or None."""
+  if isinstance(store, str):
+    store = tuple(store.split("/")) if "/" in store else (store, store)
+  if (not isinstance(store, (tuple, list)) or len(store) != 2
+      or not all(isinstance(n, str) and n in _formats.FORMATS for n in store)):
+    return None
+  return tuple(store)
+
+
 def _is_int(value) -> bool:
   return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
@@ -57,7 +67,10 @@ class CacheSpec:
     hot_dtype: "float32" | "bfloat16" | "float16", the dtype of tail and
       sinks; also accepted: "f32" / "bf16" / "f16" and numpy or jnp dtypes
       (stored as the canonical name, so equal specs hash equally).
-    store: store format name ("q8", "q4", "turbo3.5", "f32", ...; docs/formats.md).
+    store: store format name ("q8", "q4", "turbo3.5", "f32", ...;
+      docs/formats.md) for keys and values alike, or a `(keys, values)` pair
+      such as `("q8", "q4")` (also written "q8/q4"). A pair of equal names is
+      stored as the one name, so equal caches have equal specs.
     overflow: "slide" drops the oldest non-sink tokens when full; "error"
       rejects new tokens and records how many (see `kvjax.check`).
 
@@ -75,7 +88,7 @@ class CacheSpec:
   migrate_batch: int = 64
   sinks: int = 0
   hot_dtype: str = "bfloat16"
-  store: str = "q4"
+  store: str | tuple[str, str] = "q4"
   overflow: str = "slide"
 
   def __post_init__(self):
@@ -100,16 +113,35 @@ class CacheSpec:
     object.__setattr__(self, "hot_dtype", hot)
     _require(isinstance(self.overflow, str) and self.overflow in OVERFLOW_MODES,
              "overflow", f"must be one of {OVERFLOW_MODES}", self.overflow)
-    _require(isinstance(self.store, str) and self.store in _formats.FORMATS,
-             "store", f"must be one of {tuple(_formats.FORMATS)}", self.store)
-    fmt = _formats.FORMATS[self.store]
-    problem = fmt.head_dim_problem(self.head_dim)
-    _require(problem is None, "head_dim", f"{problem} for store={self.store!r}",
-             self.head_dim)
+    names = _store_names(self.store)
+    _require(names is not None, "store",
+             f"must be one of {tuple(_formats.FORMATS)}, or a (keys, values) "
+             "pair of them such as ('q8', 'q4') or 'q8/q4'", self.store)
+    object.__setattr__(self, "store", names[0] if names[0] == names[1] else names)
+    for role, name in zip(("keys", "values"), names):
+      problem = _formats.FORMATS[name].head_dim_problem(self.head_dim)
+      where = (f"store={name!r}" if names[0] == names[1]
+               else f"the {role}' store format {name!r}")
+      _require(problem is None, "head_dim", f"{problem} for {where}", self.head_dim)
     needed = self.sinks + self.tail + self.migrate_batch
     _require(self.capacity >= needed, "capacity",
              f"must be >= sinks + tail + migrate_batch = {needed}",
              self.capacity)
+
+  @property
+  def key_store(self) -> str:
+    """The keys' store format name."""
+    return self.store if isinstance(self.store, str) else self.store[0]
+
+  @property
+  def value_store(self) -> str:
+    """The values' store format name."""
+    return self.store if isinstance(self.store, str) else self.store[1]
+
+  @property
+  def store_name(self) -> str:
+    """The store format as one name: "q4", or "keys/values" such as "q8/q4"."""
+    return self.store if isinstance(self.store, str) else "/".join(self.store)
 
   @property
   def store_slots(self) -> int:

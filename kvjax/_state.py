@@ -17,7 +17,9 @@ the rest in the store.
 Split TurboQuant formats (turbo2.5, turbo3.5) give their outlier half one bit
 more. Which channels are outliers is fixed per head, for K and V separately,
 by the first non-sink token (channels by decreasing magnitude; the first D/2
-are the outliers) and kept in `store_order` until `clear`; other formats keep an empty `[2, H, 0]` there.
+are the outliers) and kept in `store_order` until `clear`; other formats keep
+an empty `[2, H, 0]` there (and a split format beside an unsplit one, as in
+`store=("q8", "turbo3.5")`, the identity for the unsplit side).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class KVCache:
     except Exception:  # Traced: no values to show.
       counts = "traced"
     batch = self.length.shape
-    return (f"KVCache(store={s.store!r}, hot_dtype={s.hot_dtype!r}, "
+    return (f"KVCache(store={s.store_name!r}, hot_dtype={s.hot_dtype!r}, "
             f"capacity={s.capacity}, H={s.num_kv_heads}, D={s.head_dim}, "
             f"sinks={s.sinks}, tail={s.tail}"
             f"{', batch=' + str(batch) if batch else ''}; {counts})")
@@ -78,8 +80,14 @@ def hot_format(spec: CacheSpec) -> _formats.RawFormat:
   return _formats.HOT_FORMATS[spec.hot_dtype]
 
 
-def store_format(spec: CacheSpec):
-  return _formats.FORMATS[spec.store]
+def store_formats(spec: CacheSpec):
+  """The store formats of the keys and of the values (often the same object)."""
+  return _formats.FORMATS[spec.key_store], _formats.FORMATS[spec.value_store]
+
+
+def store_split(spec: CacheSpec) -> bool:
+  """Whether keys or values use a split TurboQuant format (an outlier order)."""
+  return any(f.split for f in store_formats(spec))
 
 
 def init(spec: CacheSpec, batch=None) -> KVCache:
@@ -111,16 +119,16 @@ def init(spec: CacheSpec, batch=None) -> KVCache:
       make = jax.vmap(make)
     return make(jnp.zeros(tuple(int(b) for b in shape)))
   h, d = spec.num_kv_heads, spec.head_dim
-  hot, store = hot_format(spec), store_format(spec)
+  hot, (key, value) = hot_format(spec), store_formats(spec)
   # One array per counter: a shared one could not be donated twice.
   zero = lambda: jnp.zeros((), jnp.int32)
   return KVCache(
       sink_k=hot.empty((h, spec.sinks), d), sink_v=hot.empty((h, spec.sinks), d),
       tail_k=hot.empty((h, spec.tail_slots), d),
       tail_v=hot.empty((h, spec.tail_slots), d),
-      store_k=store.empty((h, spec.store_slots), d),
-      store_v=store.empty((h, spec.store_slots), d),
-      store_order=jnp.tile(jnp.arange(d if store.split else 0, dtype=jnp.int32),
+      store_k=key.empty((h, spec.store_slots), d),
+      store_v=value.empty((h, spec.store_slots), d),
+      store_order=jnp.tile(jnp.arange(d if store_split(spec) else 0, dtype=jnp.int32),
                            (2, h, 1)),
       length=zero(), evicted=zero(), tail_count=zero(), rejected=zero(),
       bad_layer_tokens=zero(), spec=spec)

@@ -99,7 +99,7 @@ def _append(cache: KVCache, k, v, n_valid, layer) -> KVCache:
     checkify.debug_check(
         refused == 0, "kvjax.append: overflow='error' and the cache is full: "
         "rejected {} tokens", refused)
-  hot, store = _state.hot_format(spec), _state.store_format(spec)
+  hot, formats = _state.hot_format(spec), _state.store_formats(spec)
   row = jnp.arange(n, dtype=jnp.int32)
   pos = cache.length + row
   new_length = cache.length + accepted
@@ -123,24 +123,32 @@ def _append(cache: KVCache, k, v, n_valid, layer) -> KVCache:
   hot_rows = hot.encode(kv)
   rounded = hot.decode(hot_rows)
   order = stack.store_order
-  if store.split:
+  split = _state.store_split(spec)
+  if split:
     # The first non-sink token (position `sinks`) fixes each head's outlier
     # channels; whichever call appends it, the choice is the same.
     first = spec.sinks - cache.length
     has_first = (first >= 0) & (first < accepted)
+    token = jax.lax.dynamic_index_in_dim(rounded, jnp.clip(first, 0, n - 1), 2, False)
+    previous = _state.small_leaf(order, layer)
     # Computed only by the append that holds that token, batched or not (on
     # CPU the kernel sorts only where `has_first`).
-    order = store.choose_order(
-        jax.lax.dynamic_index_in_dim(rounded, jnp.clip(first, 0, n - 1), 2, False),
-        has_first, _state.small_leaf(order, layer))
-  store_rows = store.encode(rounded, order[:, :, None, :])
+    if formats[0] is formats[1]:
+      order = formats[0].choose_order(token, has_first, previous)
+    else:
+      order = jnp.stack([f.choose_order(token[i], has_first, previous[i]) if f.split
+                         else previous[i] for i, f in enumerate(formats)])
+  if formats[0] is formats[1]:  # K and V encoded together
+    both = formats[0].encode(rounded, order[:, :, None, :])
+    store_rows = [jax.tree.map(lambda a: a[i], both) for i in range(2)]
+  else:
+    store_rows = [f.encode(rounded[i], order[i][:, None, :]) for i, f in enumerate(formats)]
   new = {}
   for i, name in enumerate(("k", "v")):
     hot_i = jax.tree.map(lambda a: a[i], hot_rows)
-    store_i = jax.tree.map(lambda a: a[i], store_rows)
     for tier, rows, index in (("sink_", hot_i, sink_index),
                               ("tail_", hot_i, tail_index),
-                              ("store_", store_i, store_index)):
+                              ("store_", store_rows[i], store_index)):
       new[tier + name] = _state.scatter_rows(getattr(stack, tier + name), rows,
                                              index, layer)
 
@@ -148,7 +156,7 @@ def _append(cache: KVCache, k, v, n_valid, layer) -> KVCache:
   evicted = cache.evicted
   if spec.overflow == "slide":
     evicted = jnp.maximum(evicted, new_end - spec.store_slots)
-  if store.split:
+  if split:
     new["store_order"] = (order if layer is None
                           else stack.store_order.at[layer].set(order))
   out = _state.with_counters(

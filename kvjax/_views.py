@@ -38,7 +38,7 @@ def _materialize(cache: KVCache, layer):
     nan = jnp.where(in_range, 0.0, jnp.nan)
     return k + nan, v + nan, jnp.where(in_range, pos, -1), valid & in_range
   spec = cache.spec
-  hot, store = _state.hot_format(spec), _state.store_format(spec)
+  hot, formats = _state.hot_format(spec), _state.store_formats(spec)
   row = jnp.arange(spec.capacity, dtype=jnp.int32)
   sinks = _state.sink_count(cache)
   end = _state.nonsink_count(cache)
@@ -58,6 +58,7 @@ def _materialize(cache: KVCache, layer):
   for i, (sink, tail, stored) in enumerate(
       ((cache.sink_k, cache.tail_k, cache.store_k),
        (cache.sink_v, cache.tail_v, cache.store_v))):
+    store = formats[i]
     order = cache.store_order[i][:, None, :] if store.split else None
     x = jnp.where(in_sink[:, None, None], rows(hot, sink, row), 0.0)
     x = jnp.where(in_store[:, None, None],
@@ -88,7 +89,8 @@ def stats(cache: KVCache) -> dict:
     `sink_bytes`, `tail_bytes`, `store_bytes` (bytes the retained tokens of
     each tier occupy, scales and zeros included), `allocated_bytes` (sum of
     `nbytes` of every leaf), `store_bits_per_value` (from the store arrays'
-    bytes per token slot) and `compression_ratio` (float32 bytes of the
+    bytes per token slot, keys and values together; `key_bits_per_value` and
+    `value_bits_per_value` each alone) and `compression_ratio` (float32 bytes of the
     retained tokens / bytes they occupy; nan for an empty cache).
   """
   _state.require_cache(cache, "stats")
@@ -103,6 +105,8 @@ def stats(cache: KVCache) -> dict:
   sink_b = per_token(cache.sink_k, cache.sink_v, spec.sinks)
   tail_b = per_token(cache.tail_k, cache.tail_v, spec.tail_slots)
   store_b = per_token(cache.store_k, cache.store_v, spec.store_slots)
+  key_b = per_token(cache.store_k, (), spec.store_slots)
+  value_b = per_token(cache.store_v, (), spec.store_slots)
   values_per_token = 2 * spec.num_kv_heads * spec.head_dim
 
   counts = jax.device_get(dict(
@@ -122,6 +126,8 @@ def stats(cache: KVCache) -> dict:
     r["store_bytes"] = r["store_tokens"] * store_b
     r["allocated_bytes"] = allocated
     r["store_bits_per_value"] = 8.0 * store_b / values_per_token
+    r["key_bits_per_value"] = 16.0 * key_b / values_per_token
+    r["value_bits_per_value"] = 16.0 * value_b / values_per_token
     used = r["sink_bytes"] + r["tail_bytes"] + r["store_bytes"]
     r["compression_ratio"] = (4.0 * values_per_token * r["retained_tokens"] / used
                               if used else float("nan"))

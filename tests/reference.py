@@ -134,7 +134,7 @@ class CacheModel:
     rows = list(self.sinks) + list(self.nonsink)
     for r, (p, tk, tv) in enumerate(rows):
       if len(self.sinks) <= r < len(self.sinks) + n_store:
-        tk, tv = store_roundtrip(tk, spec.store), store_roundtrip(tv, spec.store)
+        tk, tv = store_roundtrip(tk, spec.key_store), store_roundtrip(tv, spec.value_store)
       k[r], v[r], pos[r], valid[r] = tk, tv, p, True
     return k, v, pos, valid
 

@@ -176,12 +176,13 @@ class StoreLayout(NamedTuple):
 
 
 def attend(q_hot, q_store, row_pos, counters, layer, window, softcap,
-           hot_leaves, store_k, store_v, hot: StoreLayout, store: StoreLayout):
+           hot_leaves, store_k, store_v, hot: StoreLayout, key: StoreLayout,
+           value: StoreLayout, value_lanes: int):
   """One decode-attention kernel call (the `kvjax_attend` target).
 
   Args:
-    q_hot: float32 `[H, R, D]`, scaled queries; `q_store`: `[H, R, A]`, the
-      same in the store format's domain (`prepare_query`).
+    q_hot: float32 `[H, R, D]`, scaled queries; `q_store`: `[H, R, A_k]`, the
+      same in the store key format's domain (`prepare_query`).
     row_pos: int32 `[R]` positions of the rows.
     counters: (length, evicted, tail_count), each int32 `[L]` for a stack of
       L layer caches (`layer` selects one), or scalars for one cache.
@@ -191,30 +192,40 @@ def attend(q_hot, q_store, row_pos, counters, layer, window, softcap,
       for one cache).
     store_k, store_v: (data or codes, scale or norms, zero) of the store,
       `[L, H, slots, ...]`, unused ones None.
+    hot, key, value: how the kernel reads the hot tiers, the store's keys and
+      its values; value_lanes: A_v, the value format's accumulator width.
 
   Returns:
-    (out_hot `[H, R, D]`, out_store `[H, R, A]`): the softmax-weighted sums
-    of the hot tiers and of the store (in its domain), each already divided
-    by the common denominator; NaN rows and zero rows as docs/api.md says.
+    (out_hot `[H, R, D]`, out_store `[H, R, A_v]`): the softmax-weighted sums
+    of the hot tiers and of the store (in the value format's domain), each
+    already divided by the common denominator; NaN rows and zero rows as
+    docs/api.md says.
   """
   _require_loaded()
   h, r, d = q_hot.shape
-  a = q_store.shape[-1]
   dummy = jnp.zeros((1,), jnp.float32)
   fill = lambda leaves: tuple(dummy if x is None else x for x in leaves)
   out_types = (jax.ShapeDtypeStruct((h, r, d), jnp.float32),
-               jax.ShapeDtypeStruct((h, r, a), jnp.float32))
+               jax.ShapeDtypeStruct((h, r, value_lanes), jnp.float32))
   call = jax.ffi.ffi_call("kvjax_attend", out_types, vmap_method="expand_dims")
-  segments = np.asarray(store.segments, np.int32).reshape(-1)
+  # One table buffer: the value segments' offsets move past the key tables.
+  value_segments = np.array(value.segments, np.int32).reshape(-1, 7)
+  value_segments[:, 4] += len(key.tables)
+  tables = np.concatenate([np.asarray(key.tables, np.float32),
+                           np.asarray(value.tables, np.float32)])
+  side = lambda prefix, layout, segments: {
+      f"{prefix}_kind": np.int32(layout.kind),
+      f"{prefix}_norm_count": np.int32(layout.norm_count),
+      f"{prefix}_segments": np.asarray(segments, np.int32).reshape(-1),
+      f"{prefix}_kappa_scales": np.asarray(layout.kappa_scales, np.float32).reshape(-1)}
   return call(
       q_hot, q_store, row_pos, *counters, jnp.asarray(0 if layer is None else layer, jnp.int32),
       jnp.asarray(0 if window is None else window, jnp.int32),
       jnp.asarray(0.0 if softcap is None else softcap, jnp.float32),
       *hot_leaves, *fill(store_k), *fill(store_v),
-      jnp.asarray(store.tables if len(store.tables) else np.zeros(1, np.float32)),
-      hot_kind=np.int32(hot.kind), store_kind=np.int32(store.kind),
-      norm_count=np.int32(store.norm_count), segments=segments,
-      kappa_scales=np.asarray(store.kappa_scales, np.float32).reshape(-1),
+      jnp.asarray(tables if len(tables) else np.zeros(1, np.float32)),
+      hot_kind=np.int32(hot.kind),
+      **side("key", key, key.segments), **side("value", value, value_segments),
       has_window=np.int32(window is not None),
       has_softcap=np.int32(softcap is not None),
       has_layers=np.int32(layer is not None))

@@ -4,8 +4,9 @@
 //
 //   kvjax_attention_check [--isa NAME] [--cases N] [--seed S]
 //
-// Each case draws a tier format (f32, bf16, f16, q8, and packed-code formats
-// with segments of 1 to 4 bits, affine or with norms and QJL coefficients),
+// Each case draws store formats for keys and values (the same or each its
+// own: f32, bf16, f16, q8, and packed-code formats with segments of 1 to 4
+// bits, affine or with norms and QJL coefficients), a hot format,
 // a head dim, rows, ring positions, counters, query positions, a window and a
 // softcap, and NaN / Inf values in random tokens. The variant must give NaN
 // and +-Inf exactly where the reference does and agree within 2e-5 of each
@@ -28,7 +29,7 @@ namespace {
 
 struct Case {
   AttendProblem problem;
-  TierFormat hot, store;
+  TierFormat hot, store_key, store_value;
   std::vector<uint8_t> sink_k, sink_v, tail_k, tail_v, store_k, store_v;
   std::vector<float> store_scale_k, store_zero_k, store_scale_v, store_zero_v;
   std::vector<uint16_t> norms_k, norms_v;
@@ -79,6 +80,58 @@ void FillRaw(std::mt19937& g, ValueKind kind, int64_t n, int lanes, double bad,
   }
 }
 
+// A store format of kind `kind` (0-3 raw/q8, 4 affine lut (q4), 5
+// turbo-like lut: segments of random widths, maybe a QJL one) at head dim d,
+// its codebooks appended to `tables`.
+TierFormat DrawStoreFormat(std::mt19937& g, int kind, int d, std::vector<float>* tables) {
+  auto pick = [&](int n) { return static_cast<int>(g() % n); };
+  std::uniform_real_distribution<float> u01(0, 1);
+  std::normal_distribution<float> normal;
+  TierFormat f;
+  f.lanes = d;
+  if (kind < 4) {
+    f.kind = static_cast<ValueKind>(kind);
+    f.row_bytes = kind == 3 ? d : d * (kind == 0 ? 4 : 2);
+  } else if (kind == 4) {  // q4
+    f.kind = ValueKind::kLut;
+    f.row_bytes = d / 2;
+    f.num_segments = 1;
+    f.segments[0] = Segment{4, d, 0, 0, static_cast<int32_t>(tables->size()), -1, -1, 0.0f};
+    tables->insert(tables->end(), 16, 0.0f);
+  } else {
+    f.kind = ValueKind::kLut;
+    const int nseg = d >= 32 ? 1 + pick(2) : 1;
+    const bool qjl = u01(g) < 0.4;
+    f.lanes = qjl ? 2 * d : d;
+    int code = 0, lane = 0, norm = 0;
+    for (int s = 0; s < nseg; ++s) {
+      const int m = d / nseg;
+      const int bits = 1 + pick(4);
+      f.segments[s] = Segment{bits, m, code, lane, static_cast<int32_t>(tables->size()),
+                              norm++, -1, 0.0f};
+      for (int i = 0; i < (1 << bits); ++i) tables->push_back(normal(g));
+      code += bits == 3 ? m / 8 * 3 : m * bits / 8;
+      lane += m;
+    }
+    f.num_segments = nseg;
+    if (qjl) {
+      f.segments[nseg] = Segment{1, d, code, d, static_cast<int32_t>(tables->size()), 0,
+                                 norm++, 0.3f};
+      tables->push_back(-1.0f);
+      tables->push_back(1.0f);
+      code += d / 8;
+      f.num_segments = nseg + 1;
+    }
+    f.row_bytes = code;
+    f.norm_count = norm;
+  }
+  return f;
+}
+
+bool IsRaw(const TierFormat& f) {
+  return f.kind == ValueKind::kF32 || f.kind == ValueKind::kBF16 || f.kind == ValueKind::kF16;
+}
+
 Case Draw(std::mt19937& g) {
   Case c;
   auto pick = [&](int n) { return static_cast<int>(g() % n); };
@@ -87,8 +140,11 @@ Case Draw(std::mt19937& g) {
   const int heads = 1 + pick(3);
   const int dims[] = {16, 32, 48, 64, 128, 8, 6, 24};
   int d = dims[pick(8)];
-  const int store_kind = pick(6);  // 0-3 raw/q8, 4 affine lut, 5 turbo-like lut
-  if (store_kind >= 4 && d % 16) d = 64;
+  // Keys and values: the same format half of the time, else each its own.
+  const int key_kind = pick(6);
+  const bool same = u01(g) < 0.5;
+  const int value_kind = same ? key_kind : pick(6);
+  if ((key_kind >= 4 || value_kind >= 4) && d % 16) d = 64;
   const int group = 1 + pick(4);
   const int n_q = 1 + pick(4);
   const int rows = group * n_q;
@@ -98,58 +154,24 @@ Case Draw(std::mt19937& g) {
   c.hot.kind = static_cast<ValueKind>(pick(3));
   c.hot.lanes = d;
   c.hot.row_bytes = d * (c.hot.kind == ValueKind::kF32 ? 4 : 2);
-  c.store = TierFormat();
-  c.store.lanes = d;
-  if (store_kind < 4) {
-    c.store.kind = static_cast<ValueKind>(store_kind);
-    c.store.row_bytes = store_kind == 3 ? d : d * (store_kind == 0 ? 4 : 2);
-  } else if (store_kind == 4) {  // q4
-    c.store.kind = ValueKind::kLut;
-    c.store.row_bytes = d / 2;
-    c.store.num_segments = 1;
-    c.store.segments[0] = Segment{4, d, 0, 0, 0, -1, -1, 0.0f};
-    c.tables.assign(16, 0.0f);
-  } else {  // segments of random widths, one maybe a QJL one
-    c.store.kind = ValueKind::kLut;
-    const int nseg = d >= 32 ? 1 + pick(2) : 1;
-    const bool qjl = u01(g) < 0.4;
-    c.store.lanes = qjl ? 2 * d : d;
-    int code = 0, lane = 0, norm = 0;
-    for (int s = 0; s < nseg; ++s) {
-      const int m = d / nseg;
-      const int bits = 1 + pick(4);
-      c.store.segments[s] = Segment{bits, m, code, lane, static_cast<int32_t>(c.tables.size()),
-                                    norm++, -1, 0.0f};
-      for (int i = 0; i < (1 << bits); ++i) c.tables.push_back(normal(g));
-      code += bits == 3 ? m / 8 * 3 : m * bits / 8;
-      lane += m;
-    }
-    c.store.num_segments = nseg;
-    if (qjl) {
-      c.store.segments[nseg] = Segment{1, d, code, d, static_cast<int32_t>(c.tables.size()), 0,
-                                       norm++, 0.3f};
-      c.tables.push_back(-1.0f);
-      c.tables.push_back(1.0f);
-      code += d / 8;
-      c.store.num_segments = nseg + 1;
-    }
-    c.store.row_bytes = code;
-    c.store.norm_count = norm;
-  }
-  c.store.tables = c.tables.data();
+  c.tables.reserve(4096);  // the formats point into it
+  c.store_key = DrawStoreFormat(g, key_kind, d, &c.tables);
+  c.store_value = same ? c.store_key : DrawStoreFormat(g, value_kind, d, &c.tables);
+  c.store_key.tables = c.store_value.tables = c.tables.data();
 
   FillRaw(g, c.hot.kind, static_cast<int64_t>(heads) * sinks, d, bad, &c.sink_k);
   FillRaw(g, c.hot.kind, static_cast<int64_t>(heads) * sinks, d, bad, &c.sink_v);
   FillRaw(g, c.hot.kind, static_cast<int64_t>(heads) * tail_slots, d, bad, &c.tail_k);
   FillRaw(g, c.hot.kind, static_cast<int64_t>(heads) * tail_slots, d, bad, &c.tail_v);
   const int64_t store_rows = static_cast<int64_t>(heads) * store_slots;
-  for (auto* data : {&c.store_k, &c.store_v}) {
-    if (c.store.kind == ValueKind::kF32 || c.store.kind == ValueKind::kBF16 ||
-        c.store.kind == ValueKind::kF16) {
-      FillRaw(g, c.store.kind, store_rows, d, bad, data);
+  const TierFormat* formats[2] = {&c.store_key, &c.store_value};
+  std::vector<uint8_t>* data[2] = {&c.store_k, &c.store_v};
+  for (int i = 0; i < 2; ++i) {
+    if (IsRaw(*formats[i])) {
+      FillRaw(g, formats[i]->kind, store_rows, d, bad, data[i]);
     } else {
-      data->resize(store_rows * c.store.row_bytes);
-      for (auto& b : *data) b = static_cast<uint8_t>(g());
+      data[i]->resize(store_rows * formats[i]->row_bytes);
+      for (auto& b : *data[i]) b = static_cast<uint8_t>(g());
     }
   }
   for (auto* v : {&c.store_scale_k, &c.store_scale_v}) {
@@ -160,8 +182,9 @@ Case Draw(std::mt19937& g) {
     v->resize(store_rows);
     for (auto& x : *v) x = normal(g);
   }
+  c.norms_k.resize(store_rows * c.store_key.norm_count);
+  c.norms_v.resize(store_rows * c.store_value.norm_count);
   for (auto* v : {&c.norms_k, &c.norms_v}) {
-    v->resize(store_rows * c.store.norm_count);
     for (auto& x : *v) x = Bf16Bits(u01(g) < bad ? NAN : 0.5f + u01(g));
   }
 
@@ -173,7 +196,7 @@ Case Draw(std::mt19937& g) {
   c.seq.evicted = std::max<int32_t>(end - retained, 0);
   c.seq.tail_count = std::min<int32_t>({retained, tail_slots - 1, static_cast<int32_t>(pick(tail_slots))});
   c.q_hot.resize(static_cast<size_t>(heads) * rows * d);
-  c.q_store.resize(static_cast<size_t>(heads) * rows * c.store.lanes);
+  c.q_store.resize(static_cast<size_t>(heads) * rows * c.store_key.lanes);
   for (auto& x : c.q_hot) x = normal(g) * 0.3f;
   for (auto& x : c.q_store) x = normal(g) * 0.3f;
   c.row_pos.resize(rows);
@@ -199,9 +222,9 @@ Case Draw(std::mt19937& g) {
   c.seq.sink_v = view(c.sink_v, sinks, c.hot, nullptr, nullptr, nullptr);
   c.seq.tail_k = view(c.tail_k, tail_slots, c.hot, nullptr, nullptr, nullptr);
   c.seq.tail_v = view(c.tail_v, tail_slots, c.hot, nullptr, nullptr, nullptr);
-  c.seq.store_k = view(c.store_k, store_slots, c.store, c.store_scale_k.data(),
+  c.seq.store_k = view(c.store_k, store_slots, c.store_key, c.store_scale_k.data(),
                        c.store_zero_k.data(), c.norms_k.data());
-  c.seq.store_v = view(c.store_v, store_slots, c.store, c.store_scale_v.data(),
+  c.seq.store_v = view(c.store_v, store_slots, c.store_value, c.store_scale_v.data(),
                        c.store_zero_v.data(), c.norms_v.data());
   c.problem.heads = heads;
   c.problem.rows = rows;
@@ -210,8 +233,9 @@ Case Draw(std::mt19937& g) {
   c.problem.store_slots = store_slots;
   c.problem.has_softcap = u01(g) < 0.3;
   c.problem.hot = c.hot;
-  c.problem.store = c.store;
-  c.label = "kind " + std::to_string(store_kind) + " d " + std::to_string(d) + " heads " +
+  c.problem.store_key = c.store_key;
+  c.problem.store_value = c.store_value;
+  c.label = "kinds " + std::to_string(key_kind) + "/" + std::to_string(value_kind) + " d " + std::to_string(d) + " heads " +
             std::to_string(heads) + " rows " + std::to_string(rows) + " length " +
             std::to_string(c.seq.length) + " evicted " + std::to_string(c.seq.evicted) +
             " tail " + std::to_string(c.seq.tail_count) + " hot " +
@@ -224,7 +248,7 @@ Case Draw(std::mt19937& g) {
 // Both outputs of one case by one variant.
 std::vector<float> Run(Case& c, AttendRunFn run) {
   const int heads = c.problem.heads, rows = c.problem.rows;
-  std::vector<float> out(static_cast<size_t>(heads) * rows * (c.hot.lanes + c.store.lanes));
+  std::vector<float> out(static_cast<size_t>(heads) * rows * (c.hot.lanes + c.store_value.lanes));
   c.seq.out_hot = out.data();
   c.seq.out_store = out.data() + static_cast<size_t>(heads) * rows * c.hot.lanes;
   c.problem.sequences = &c.seq;
@@ -305,10 +329,10 @@ int main(int argc, char** argv) {
       const float* got_store = got.data() + rows * c.hot.lanes;
       const float* want_store = want.data() + rows * c.hot.lanes;
       std::vector<float> scale = kvjax::RowScales(want.data(), rows, c.hot.lanes);
-      const std::vector<float> store_scale = kvjax::RowScales(want_store, rows, c.store.lanes);
+      const std::vector<float> store_scale = kvjax::RowScales(want_store, rows, c.store_value.lanes);
       for (size_t r = 0; r < rows; ++r) scale[r] = std::max(scale[r], store_scale[r]);
       std::string diff = kvjax::Compare(got.data(), want.data(), rows, c.hot.lanes, scale);
-      if (diff.empty()) diff = kvjax::Compare(got_store, want_store, rows, c.store.lanes, scale);
+      if (diff.empty()) diff = kvjax::Compare(got_store, want_store, rows, c.store_value.lanes, scale);
       if (!diff.empty()) {
         if (bad++ == 0) first = "case " + std::to_string(i) + " (" + c.label + "): " + diff;
       }

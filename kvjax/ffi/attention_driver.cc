@@ -56,7 +56,8 @@ bool AnyRowSees(const Span& s, const int64_t* lo, const int64_t* hi, int rows) {
 void RunAttend(const AttendProblem& p, AttendRunFn run, int threads,
             const ParallelFn& parallel) {
   const int rows = p.rows;
-  const int hot_lanes = p.hot.lanes, store_lanes = p.store.lanes;
+  // Queries have the key format's lanes, outputs the value format's.
+  const int hot_lanes = p.hot.lanes, store_lanes = p.store_value.lanes;
   // Visible positions of every row of every sequence: [lo, hi].
   std::vector<int64_t> lo(p.num_sequences * rows), hi(p.num_sequences * rows);
   int64_t store_tokens = 0;
@@ -120,7 +121,8 @@ void RunAttend(const AttendProblem& p, AttendRunFn run, int threads,
 
   // Partial of an item: max[R], denom[R], seen/nan flags[R] (as floats), acc[R][lanes].
   std::vector<float> partials(scratch);
-  const size_t run_bytes = std::max(RunScratchBytes(p.hot, rows), RunScratchBytes(p.store, rows));
+  const size_t run_bytes = std::max(RunScratchBytes(p.hot, p.hot, rows),
+                                    RunScratchBytes(p.store_key, p.store_value, rows));
   parallel(static_cast<int64_t>(items.size()), [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> flags(2 * rows);
     std::vector<uint8_t> memory(run_bytes + 64);
@@ -128,8 +130,9 @@ void RunAttend(const AttendProblem& p, AttendRunFn run, int threads,
     for (int64_t i = begin; i < end; ++i) {
       const Item& item = items[i];
       const SequenceView& seq = p.sequences[item.sequence];
-      const TierFormat& format = item.store ? p.store : p.hot;
-      const int lanes = format.lanes;
+      const TierFormat& key = item.store ? p.store_key : p.hot;
+      const TierFormat& value = item.store ? p.store_value : p.hot;
+      const int lanes = value.lanes;
       float* part = &partials[item.scratch];
       std::fill(part, part + rows, -kInf);
       std::fill(part + rows, part + static_cast<int64_t>(rows) * (lanes + 4), 0.0f);
@@ -139,15 +142,16 @@ void RunAttend(const AttendProblem& p, AttendRunFn run, int threads,
       const TierView& kv_v = item.store ? seq.store_v
                              : item.first_pos < p.sinks ? seq.sink_v : seq.tail_v;
       RunArgs args;
-      args.format = &format;
-      args.k = kv_k.Head(item.head, format);
-      args.v = kv_v.Head(item.head, format);
+      args.key_format = &key;
+      args.value_format = &value;
+      args.k = kv_k.Head(item.head, key);
+      args.v = kv_v.Head(item.head, value);
       args.first_slot = item.first_slot;
       args.count = item.count;
       args.first_pos = item.first_pos;
       args.rows = rows;
       args.q = (item.store ? seq.q_store : seq.q_hot) +
-               static_cast<int64_t>(item.head) * rows * lanes;
+               static_cast<int64_t>(item.head) * rows * key.lanes;
       args.lo = &lo[item.sequence * rows];
       args.hi = &hi[item.sequence * rows];
       args.has_softcap = p.has_softcap;

@@ -37,14 +37,14 @@ struct SequenceView {
   bool layer_ok = true;  // false: a traced layer index outside the stack
   int32_t length = 0, evicted = 0, tail_count = 0;
   const float* q_hot = nullptr;    // [H][R][D], scaled
-  const float* q_store = nullptr;  // [H][R][A], the store format's domain
+  const float* q_store = nullptr;  // [H][R][A_k], the store key format's domain
   const int32_t* row_pos = nullptr;  // [R]
   bool has_window = false;
   int32_t window = 0;
   float softcap = 0.0f;  // used when AttendProblem::has_softcap
   TierView sink_k, sink_v, tail_k, tail_v, store_k, store_v;
   float* out_hot = nullptr;    // [H][R][D]
-  float* out_store = nullptr;  // [H][R][A]
+  float* out_store = nullptr;  // [H][R][A_v], the store value format's domain
 };
 
 struct AttendProblem {
@@ -53,7 +53,8 @@ struct AttendProblem {
   int32_t heads = 0, rows = 0;
   int32_t sinks = 0, tail_slots = 0, store_slots = 0;
   bool has_softcap = false;
-  TierFormat hot, store;
+  TierFormat hot;                       // sinks and tail, keys and values
+  TierFormat store_key, store_value;    // the store's keys and values
 };
 
 // Calls fn(begin, end) over [0, n) in chunks, possibly on several threads.

@@ -100,6 +100,50 @@ struct TierBuffers {
   const ffi::AnyBuffer* aux1;  // q8/q4 zero
 };
 
+// Which auxiliary leaves a store side (keys or values) has.
+struct StoreSide {
+  StoreSide(int32_t kind, int32_t norm_count)
+      : lut_norms(kind == static_cast<int32_t>(ValueKind::kLut) && norm_count > 0),
+        affine(kind == static_cast<int32_t>(ValueKind::kQ8) ||
+               (kind == static_cast<int32_t>(ValueKind::kLut) && norm_count == 0)) {}
+  bool aux() const { return affine || lut_norms; }
+  int Aux0Core() const { return lut_norms ? 4 : aux() ? 3 : 1; }  // norms [.., K] or scale
+  bool lut_norms;  // TurboQuant: bf16 norms per token
+  bool affine;     // q8, q4: scale and zero per token
+};
+
+// A store side's TierFormat from the call's attributes; an error message if
+// they do not fit its rows (`row_bytes`) or the tables.
+std::string MakeStoreFormat(int32_t kind, int32_t lanes, int32_t row_bytes, int32_t norm_count,
+                            ffi::Span<const int32_t> segments, ffi::Span<const float> kappa_scales,
+                            const ffi::Buffer<ffi::F32>& tables, TierFormat* f) {
+  if (kind < 0 || kind > static_cast<int32_t>(ValueKind::kLut)) return "unknown kind";
+  if (segments.size() % 7 != 0 || segments.size() / 7 > kMaxSegments ||
+      kappa_scales.size() != segments.size() / 7) {
+    return "bad segment attributes";
+  }
+  f->kind = static_cast<ValueKind>(kind);
+  f->lanes = lanes;
+  f->row_bytes = row_bytes;
+  f->norm_count = norm_count;
+  f->tables = tables.typed_data();
+  f->num_segments = static_cast<int32_t>(segments.size() / 7);
+  for (int s = 0; s < f->num_segments; ++s) {
+    const int32_t* v = segments.begin() + 7 * s;
+    const Segment seg{v[0], v[1], v[2], v[3], v[4], v[5], v[6], kappa_scales.begin()[s]};
+    const int64_t bytes = seg.bits == 3 ? seg.channels / 8 * 3 : seg.channels * seg.bits / 8;
+    if (seg.bits < 1 || seg.bits > 4 || seg.code_offset + bytes > row_bytes ||
+        seg.lane_offset + seg.channels > lanes ||
+        seg.table_offset + (1 << seg.bits) > static_cast<int64_t>(tables.element_count()) ||
+        seg.norm_index >= norm_count || seg.kappa_index >= norm_count) {
+      return "segment " + std::to_string(s) + " does not fit the store rows";
+    }
+    f->segments[s] = seg;
+  }
+  if (f->kind == ValueKind::kLut && f->num_segments == 0) return "a packed format without segments";
+  return "";
+}
+
 ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_hot,
                       ffi::Buffer<ffi::F32> q_store, ffi::Buffer<ffi::S32> row_pos,
                       ffi::Buffer<ffi::S32> length, ffi::Buffer<ffi::S32> evicted,
@@ -111,9 +155,12 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_hot,
                       ffi::AnyBuffer store_v_aux0, ffi::AnyBuffer store_v_aux1,
                       ffi::Buffer<ffi::F32> tables, ffi::ResultBuffer<ffi::F32> out_hot,
                       ffi::ResultBuffer<ffi::F32> out_store, int32_t hot_kind,
-                      int32_t store_kind, int32_t norm_count,
-                      ffi::Span<const int32_t> segments, ffi::Span<const float> kappa_scales,
-                      int32_t has_window, int32_t has_softcap, int32_t has_layers) {
+                      int32_t key_kind, int32_t key_norm_count,
+                      ffi::Span<const int32_t> key_segments,
+                      ffi::Span<const float> key_kappa_scales, int32_t value_kind,
+                      int32_t value_norm_count, ffi::Span<const int32_t> value_segments,
+                      ffi::Span<const float> value_kappa_scales, int32_t has_window,
+                      int32_t has_softcap, int32_t has_layers) {
   const Selection& selection = ActiveKernels();
   if (!selection.kernels) {
     return ffi::Error::Internal("kvjax kernels not selected: " + selection.error);
@@ -136,21 +183,17 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_hot,
   const Batched bsv("sink_v", sink_v.dimensions(), 4, batch, &error, no_layers);
   const Batched btk("tail_k", tail_k.dimensions(), 4, batch, &error, no_layers);
   const Batched btv("tail_v", tail_v.dimensions(), 4, batch, &error, no_layers);
-  const bool lut_norms = store_kind == static_cast<int32_t>(ValueKind::kLut) && norm_count > 0;
-  const bool affine = store_kind == static_cast<int32_t>(ValueKind::kQ8) ||
-                      (store_kind == static_cast<int32_t>(ValueKind::kLut) && norm_count == 0);
+  const StoreSide key_side(key_kind, key_norm_count), value_side(value_kind, value_norm_count);
   const Batched bstk("store_k", store_k.dimensions(), 4, batch, &error, no_layers);
   const Batched bstv("store_v", store_v.dimensions(), 4, batch, &error, no_layers);
-  const int aux_core = lut_norms ? 4 : 3;
-  const bool aux = affine || lut_norms;
-  const Batched bsk0("store_k aux", store_k_aux0.dimensions(), aux ? aux_core : 1, batch, &error,
-                     aux && no_layers);
-  const Batched bsv0("store_v aux", store_v_aux0.dimensions(), aux ? aux_core : 1, batch, &error,
-                     aux && no_layers);
-  const Batched bsk1("store_k zero", store_k_aux1.dimensions(), affine ? 3 : 1, batch, &error,
-                     affine && no_layers);
-  const Batched bsv1("store_v zero", store_v_aux1.dimensions(), affine ? 3 : 1, batch, &error,
-                     affine && no_layers);
+  const Batched bsk0("store_k aux", store_k_aux0.dimensions(), key_side.Aux0Core(), batch, &error,
+                     key_side.aux() && no_layers);
+  const Batched bsv0("store_v aux", store_v_aux0.dimensions(), value_side.Aux0Core(), batch, &error,
+                     value_side.aux() && no_layers);
+  const Batched bsk1("store_k zero", store_k_aux1.dimensions(), key_side.affine ? 3 : 1, batch,
+                     &error, key_side.affine && no_layers);
+  const Batched bsv1("store_v zero", store_v_aux1.dimensions(), value_side.affine ? 3 : 1, batch,
+                     &error, value_side.affine && no_layers);
   if (!error.empty()) return ffi::Error::InvalidArgument("kvjax attend: " + error);
 
   AttendProblem p;
@@ -165,19 +208,21 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_hot,
   p.hot.kind = static_cast<ValueKind>(hot_kind);
   p.hot.lanes = d;
   p.hot.row_bytes = d * ElementBytes(tail_k.element_type());
-  p.store.kind = static_cast<ValueKind>(store_kind);
-  p.store.lanes = static_cast<int32_t>(bq_store.Core(2));
-  p.store.row_bytes = static_cast<int32_t>(bstk.Core(3)) * ElementBytes(store_k.element_type());
-  p.store.norm_count = norm_count;
-  p.store.tables = tables.typed_data();
-  if (segments.size() % 7 != 0 || segments.size() / 7 > kMaxSegments ||
-      kappa_scales.size() != segments.size() / 7) {
-    return ffi::Error::InvalidArgument("kvjax attend: bad segment attributes");
+  if (const std::string e = MakeStoreFormat(key_kind, static_cast<int32_t>(bq_store.Core(2)),
+                                             static_cast<int32_t>(bstk.Core(3)) *
+                                                 ElementBytes(store_k.element_type()),
+                                             key_norm_count, key_segments, key_kappa_scales,
+                                             tables, &p.store_key);
+      !e.empty()) {
+    return ffi::Error::InvalidArgument("kvjax attend: keys: " + e);
   }
-  p.store.num_segments = static_cast<int32_t>(segments.size() / 7);
-  for (int s = 0; s < p.store.num_segments; ++s) {
-    const int32_t* v = segments.begin() + 7 * s;
-    p.store.segments[s] = Segment{v[0], v[1], v[2], v[3], v[4], v[5], v[6], kappa_scales.begin()[s]};
+  if (const std::string e = MakeStoreFormat(value_kind, static_cast<int32_t>(out_store->dimensions().back()),
+                                             static_cast<int32_t>(bstv.Core(3)) *
+                                                 ElementBytes(store_v.element_type()),
+                                             value_norm_count, value_segments, value_kappa_scales,
+                                             tables, &p.store_value);
+      !e.empty()) {
+    return ffi::Error::InvalidArgument("kvjax attend: values: " + e);
   }
   // The shapes that tie the operands together.
   const auto same = [&](const Batched& b, std::initializer_list<int64_t> core) {
@@ -193,23 +238,14 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_hot,
       !same(bsk, {layers, p.heads, -1, d}) || !same(bsv, {layers, p.heads, p.sinks, d}) ||
       !same(btk, {layers, p.heads, -1, d}) || !same(btv, {layers, p.heads, p.tail_slots, d}) ||
       !same(bstk, {layers, p.heads, -1, -1}) ||
-      !same(bstv, {layers, p.heads, p.store_slots, bstk.Core(3)}) ||
+      !same(bstv, {layers, p.heads, p.store_slots, -1}) ||
       ElementBytes(tail_k.element_type()) == 0 || ElementBytes(store_k.element_type()) == 0 ||
+      ElementBytes(store_v.element_type()) == 0 ||
       sink_k.element_type() != tail_k.element_type()) {
     return ffi::Error::InvalidArgument(
         "kvjax attend: operand shapes do not fit together: q_hot " + Shape(q_hot.dimensions()) +
         ", q_store " + Shape(q_store.dimensions()) + ", tail_k " + Shape(tail_k.dimensions()) +
-        ", store_k " + Shape(store_k.dimensions()));
-  }
-  for (int s = 0; s < p.store.num_segments; ++s) {
-    const Segment& seg = p.store.segments[s];
-    const int64_t bytes = seg.bits == 3 ? seg.channels / 8 * 3 : seg.channels * seg.bits / 8;
-    if (seg.code_offset + bytes > p.store.row_bytes || seg.lane_offset + seg.channels > p.store.lanes ||
-        seg.table_offset + (1 << seg.bits) > static_cast<int64_t>(tables.element_count()) ||
-        seg.norm_index >= norm_count || seg.kappa_index >= norm_count) {
-      return ffi::Error::InvalidArgument("kvjax attend: segment " + std::to_string(s) +
-                                         " does not fit the store rows");
-    }
+        ", store_k " + Shape(store_k.dimensions()) + ", store_v " + Shape(store_v.dimensions()));
   }
 
   int64_t num = 1;
@@ -252,13 +288,12 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_hot,
     s.sink_v = view(sink_v, bsv, nullptr, nullptr, nullptr, nullptr, b, li, false);
     s.tail_k = view(tail_k, btk, nullptr, nullptr, nullptr, nullptr, b, li, false);
     s.tail_v = view(tail_v, btv, nullptr, nullptr, nullptr, nullptr, b, li, false);
-    const bool with_aux = affine || lut_norms;
-    s.store_k = view(store_k, bstk, with_aux ? &store_k_aux0 : nullptr, &bsk0, &store_k_aux1, &bsk1,
-                     b, li, lut_norms);
-    s.store_v = view(store_v, bstv, with_aux ? &store_v_aux0 : nullptr, &bsv0, &store_v_aux1, &bsv1,
-                     b, li, lut_norms);
+    s.store_k = view(store_k, bstk, key_side.aux() ? &store_k_aux0 : nullptr, &bsk0, &store_k_aux1,
+                     &bsk1, b, li, key_side.lut_norms);
+    s.store_v = view(store_v, bstv, value_side.aux() ? &store_v_aux0 : nullptr, &bsv0,
+                     &store_v_aux1, &bsv1, b, li, value_side.lut_norms);
     s.out_hot = out_hot->typed_data() + b * p.heads * p.rows * d;
-    s.out_store = out_store->typed_data() + b * p.heads * p.rows * p.store.lanes;
+    s.out_store = out_store->typed_data() + b * p.heads * p.rows * p.store_value.lanes;
   }
   p.num_sequences = num;
   p.sequences = seqs.data();
@@ -300,10 +335,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Attend, AttendImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out_hot
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out_store
                                   .Attr<int32_t>("hot_kind")
-                                  .Attr<int32_t>("store_kind")
-                                  .Attr<int32_t>("norm_count")
-                                  .Attr<ffi::Span<const int32_t>>("segments")
-                                  .Attr<ffi::Span<const float>>("kappa_scales")
+                                  .Attr<int32_t>("key_kind")
+                                  .Attr<int32_t>("key_norm_count")
+                                  .Attr<ffi::Span<const int32_t>>("key_segments")
+                                  .Attr<ffi::Span<const float>>("key_kappa_scales")
+                                  .Attr<int32_t>("value_kind")
+                                  .Attr<int32_t>("value_norm_count")
+                                  .Attr<ffi::Span<const int32_t>>("value_segments")
+                                  .Attr<ffi::Span<const float>>("value_kappa_scales")
                                   .Attr<int32_t>("has_window")
                                   .Attr<int32_t>("has_softcap")
                                   .Attr<int32_t>("has_layers"));

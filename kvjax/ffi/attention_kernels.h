@@ -76,30 +76,34 @@ struct TierData {
 };
 
 struct RunArgs {
-  const TierFormat* format;
+  // The tier's key and value formats (the same for the hot tiers; a store
+  // may encode keys and values differently, e.g. q8 keys and q4 values).
+  const TierFormat* key_format;
+  const TierFormat* value_format;
   TierData k, v;
   int64_t first_slot;  // the run is slots [first_slot, first_slot + count)
   int64_t count;
   int64_t first_pos;   // position of `first_slot`; positions rise by one
   int32_t rows;
-  const float* q;       // [rows][format->lanes], scaled, the format's domain
+  const float* q;       // [rows][key_format->lanes], scaled, the key format's domain
   const int64_t* lo;    // [rows]: row r sees positions [lo[r], hi[r]]
   const int64_t* hi;
   bool has_softcap;
   float softcap;
-  // Working memory of at least RunScratchBytes(*format, rows) bytes, 64-byte
+  // Working memory of at least RunScratchBytes(key, value, rows) bytes, 64-byte
   // aligned. (The SIMD variants take none from the heap: code compiled for
   // their instruction sets must not instantiate library templates that
   // baseline code could link to.)
   void* scratch;
 };
 
-// Scratch bytes a run of `rows` rows over format `f` may use.
-inline size_t RunScratchBytes(const TierFormat& f, int rows) {
-  const size_t lanes = f.lanes, block = 64, r = rows;
-  const size_t floats = 2 * r * lanes + 2 * r * block * kMaxSegments + 2 * r +
+// Scratch bytes a run of `rows` rows over keys and values in these formats
+// may use.
+inline size_t RunScratchBytes(const TierFormat& key, const TierFormat& value, int rows) {
+  const size_t block = 64, r = rows, lanes = key.lanes + value.lanes;
+  const size_t floats = (r + 1) * lanes + 2 * r * block * kMaxSegments + 2 * r +
                         2 * block * kMaxSegments;
-  return 4 * floats + 4 * lanes + 32 * r + 64 * 16;
+  return 4 * floats + 32 * r + 64 * 16;
 }
 
 // The online softmax state of `rows` rows, updated in place by AttendRun.
@@ -108,7 +112,7 @@ struct Partial {
   float* denom;    // [rows]
   uint8_t* seen;   // [rows]: the row saw at least one token
   uint8_t* nan;    // [rows]: the row saw a NaN or +Inf logit
-  float* acc;      // [rows][lanes], natural lane order of the format domain
+  float* acc;      // [rows][value lanes], natural lane order of the value format's domain
 };
 
 using AttendRunFn = void (*)(const RunArgs& args, const Partial& out);

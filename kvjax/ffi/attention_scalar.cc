@@ -12,9 +12,9 @@
 namespace kvjax::scalar {
 
 void AttendRun(const RunArgs& a, const Partial& out) {
-  const TierFormat& f = *a.format;
-  const int lanes = f.lanes;
-  std::vector<float> k(lanes), v(lanes);
+  const TierFormat& key = *a.key_format;
+  const TierFormat& value = *a.value_format;
+  std::vector<float> k(key.lanes), v(value.lanes);
   for (int64_t t = 0; t < a.count; ++t) {
     const int64_t pos = a.first_pos + t;
     const int64_t slot = a.first_slot + t;
@@ -24,13 +24,13 @@ void AttendRun(const RunArgs& a, const Partial& out) {
       out.seen[r] = 1;
       if (out.nan[r]) continue;  // the row is NaN whatever else it sees
       if (!decoded) {
-        DecodeToken(f, a.k, slot, k.data());
-        DecodeToken(f, a.v, slot, v.data());
+        DecodeToken(key, a.k, slot, k.data());
+        DecodeToken(value, a.v, slot, v.data());
         decoded = true;
       }
-      const float* q = a.q + static_cast<int64_t>(r) * lanes;
+      const float* q = a.q + static_cast<int64_t>(r) * key.lanes;
       float s = 0.0f;
-      for (int i = 0; i < lanes; ++i) s += q[i] * k[i];
+      for (int i = 0; i < key.lanes; ++i) s += q[i] * k[i];
       if (a.has_softcap) s = a.softcap * std::tanh(s / a.softcap);
       if (std::isnan(s) || s == std::numeric_limits<float>::infinity()) {
         out.nan[r] = 1;
@@ -44,8 +44,8 @@ void AttendRun(const RunArgs& a, const Partial& out) {
       const float p = std::exp(s - shift);
       out.max[r] = new_max;
       out.denom[r] = out.denom[r] * correction + p;
-      float* acc = out.acc + static_cast<int64_t>(r) * lanes;
-      for (int i = 0; i < lanes; ++i) acc[i] = acc[i] * correction + p * v[i];
+      float* acc = out.acc + static_cast<int64_t>(r) * value.lanes;
+      for (int i = 0; i < value.lanes; ++i) acc[i] = acc[i] * correction + p * v[i];
     }
   }
 }

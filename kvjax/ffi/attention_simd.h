@@ -21,7 +21,10 @@
 //      added to the running accumulator with the row's correction (two-level
 //      summation keeps long runs accurate).
 //
-// Lanes never cross tokens, and a row never reads a token outside its span.
+// Keys and values may have different formats (`KeyPass` reads the keys for
+// steps 2-3, `ValuePass` the values for step 5; each is instantiated once per
+// format kind). Lanes never cross tokens, and a row never reads a token
+// outside its span.
 
 #ifndef KVJAX_FFI_ATTENTION_SIMD_H_
 #define KVJAX_FFI_ATTENTION_SIMD_H_
@@ -91,113 +94,66 @@ KVJAX_INLINE typename Isa::V LutValues(typename Isa::Words words, typename Isa::
   return Isa::LutLookup(words, shift, table);
 }
 
+// A kLut segment in the kernel's lane order: `blocks` groups of words,
+// each read once per token and looked up `iterations` times (one chunk of
+// L lanes each, with that iteration's shifts).
+struct LutSegment {
+  int first_chunk, blocks, iterations;
+  int mode;  // how its words load: Isa::kFullWords, kRepeatedWords, kThreeBitWords
+  typename Isa::LutBlock block[kMaxLutBlocks];
+  typename Isa::Words shift[32];
+};
+
+constexpr int kBlock = 64;  // tokens per block: a multiple of Isa::kLanes
+
+// How the kernel reads one tier format (the keys' or the values'): its lane
+// order, and for kLut formats each segment's word plan and codebook.
 template <ValueKind kKind>
-class SimdRun {
- public:
+struct TierPlan {
   using V = typename Isa::V;
-  using M = typename Isa::Mask;
-  using W = typename Isa::Words;
   static constexpr int L = Isa::kLanes;
-  static constexpr int kBlock = 64;  // tokens per block: a multiple of L
 
-  SimdRun(const RunArgs& a, const Partial& out)
-      : a_(a), out_(out), f_(*a.format), lanes_(f_.lanes), chunks_(lanes_ / L),
-        rows_(a.rows) {
-    Arena arena(a.scratch);
-    perm_ = arena.Take<int>(lanes_);
-    q_ = arena.Take<float>(static_cast<size_t>(rows_) * lanes_);
-    acc_ = arena.Take<float>(static_cast<size_t>(rows_) * lanes_);
-    scores_ = arena.Take<float>(static_cast<size_t>(rows_) * kBlock * kMaxSegments);
-    weights_ = arena.Take<float>(static_cast<size_t>(rows_) * kBlock * kMaxSegments);
-    k_factors_ = arena.Take<float>(kBlock * kMaxSegments);
-    v_factors_ = arena.Take<float>(kBlock * kMaxSegments);
-    q_sum_ = arena.Take<float>(rows_);
-    zero_acc_ = arena.Take<float>(rows_);
-    row_ = arena.Take<Row>(rows_);
-  }
+  const TierFormat* f = nullptr;
+  int lanes = 0, chunks = 0;
+  int* perm = nullptr;  // lane i of the kernel holds natural lane perm[i]
+  bool affine = false;  // q4: the table is 0..15, values c * scale + zero
+  LutSegment segs[kMaxSegments];
+  float base[kMaxSegments][16] = {};
 
-  void Run() {
-    Setup();
-    for (int64_t t0 = 0; t0 < a_.count; t0 += kBlock) {
-      Block(t0, a_.count - t0 < kBlock ? static_cast<int>(a_.count - t0) : kBlock);
-    }
-    Finish();
-  }
-
- private:
-  // Per-row state of this run.
-  struct Row {
-    int vb, ve;       // visible tokens of the current block, [vb, ve)
-    bool active;      // updates this block
-    float correction; // of the accumulator, this block
-  };
-
-  // A kLut segment in the kernel's lane order: `blocks` groups of words,
-  // each read once per token and looked up `iterations` times (one chunk of
-  // L lanes each, with that iteration's shifts).
-  struct LutSegment {
-    int first_chunk, blocks, iterations;
-    int mode;  // how its words load: Isa::kFullWords, kRepeatedWords, kThreeBitWords
-    typename Isa::LutBlock block[kMaxLutBlocks];
-    typename Isa::Words shift[32];
-  };
-
-  void Setup() {
-    // Lane order: lane i of the kernel holds natural lane perm_[i].
-    for (int i = 0; i < lanes_; ++i) perm_[i] = i;
-    if (kKind == ValueKind::kLut) {
-      for (int s = 0; s < f_.num_segments; ++s) {
-        const Segment& seg = f_.segments[s];
-        for (int i = 0; i < seg.channels; ++i) {
-          perm_[seg.lane_offset + i] = seg.lane_offset + LutChannel(seg, L, i);
-        }
-        const LutGeometry g = LutGeometryOf(seg, L);
-        LutSegment& ls = segs_[s];
-        ls.first_chunk = seg.lane_offset / L;
-        ls.iterations = g.iterations;
-        ls.blocks = seg.channels / L / g.iterations;
-        ls.mode = seg.bits == 3 ? Isa::kThreeBitWords
-                  : g.chunk_words == L ? Isa::kFullWords : Isa::kRepeatedWords;
-        // q4's table is 0..15: a variant may read the codes as numbers.
-        if (seg.norm_index < 0) ls.mode += kAffineMode;
-        for (int b = 0; b < ls.blocks; ++b) Isa::PlanBlock(seg, b, &ls.block[b]);
-        for (int it = 0; it < g.iterations; ++it) ls.shift[it] = Isa::PlanShift(seg, it);
-        // The codebook repeated to 16 entries (q4: 0 .. 15).
-        for (int i = 0; i < 16; ++i) {
-          base_[s][i] = seg.norm_index < 0 ? static_cast<float>(i % 16)
-                                           : f_.tables[seg.table_offset + i % (1 << seg.bits)];
-        }
+  void Plan(const TierFormat& format, Arena* arena) {
+    f = &format;
+    lanes = format.lanes;
+    chunks = lanes / L;
+    perm = arena->Take<int>(lanes);
+    for (int i = 0; i < lanes; ++i) perm[i] = i;
+    if (kKind != ValueKind::kLut) return;
+    affine = format.segments[0].norm_index < 0;
+    for (int s = 0; s < format.num_segments; ++s) {
+      const Segment& seg = format.segments[s];
+      for (int i = 0; i < seg.channels; ++i) {
+        perm[seg.lane_offset + i] = seg.lane_offset + LutChannel(seg, L, i);
       }
-    }
-    for (int r = 0; r < rows_; ++r) {
-      const float* q = a_.q + static_cast<int64_t>(r) * lanes_;
-      const float* acc = out_.acc + static_cast<int64_t>(r) * lanes_;
-      for (int i = 0; i < lanes_; ++i) {
-        q_[r * lanes_ + i] = q[perm_[i]];
-        acc_[r * lanes_ + i] = acc[perm_[i]];
+      const LutGeometry g = LutGeometryOf(seg, L);
+      LutSegment& ls = segs[s];
+      ls.first_chunk = seg.lane_offset / L;
+      ls.iterations = g.iterations;
+      ls.blocks = seg.channels / L / g.iterations;
+      ls.mode = seg.bits == 3 ? Isa::kThreeBitWords
+                : g.chunk_words == L ? Isa::kFullWords : Isa::kRepeatedWords;
+      // q4's table is 0..15: a variant may read the codes as numbers.
+      if (seg.norm_index < 0) ls.mode += kAffineMode;
+      for (int b = 0; b < ls.blocks; ++b) Isa::PlanBlock(seg, b, &ls.block[b]);
+      for (int it = 0; it < g.iterations; ++it) ls.shift[it] = Isa::PlanShift(seg, it);
+      // The codebook repeated to 16 entries (q4: 0 .. 15).
+      for (int i = 0; i < 16; ++i) {
+        base[s][i] = seg.norm_index < 0 ? static_cast<float>(i % 16)
+                                        : format.tables[seg.table_offset + i % (1 << seg.bits)];
       }
-    }
-    const size_t score_floats = static_cast<size_t>(rows_) * kBlock * kMaxSegments;
-    for (size_t i = 0; i < score_floats; ++i) scores_[i] = 0.0f;
-    // q4's affine segment: logits s (q . c) + z sum(q), values p s c + p z.
-    affine_ = kKind == ValueKind::kLut && f_.segments[0].norm_index < 0;
-    for (int r = 0; r < rows_; ++r) {
-      q_sum_[r] = zero_acc_[r] = 0.0f;
-      if (affine_) {
-        for (int i = 0; i < lanes_; ++i) q_sum_[r] += a_.q[static_cast<int64_t>(r) * lanes_ + i];
-      }
-    }
-  }
-
-  void Finish() {
-    for (int r = 0; r < rows_; ++r) {
-      float* acc = out_.acc + static_cast<int64_t>(r) * lanes_;
-      for (int i = 0; i < lanes_; ++i) acc[perm_[i]] = acc_[r * lanes_ + i] + zero_acc_[r];
     }
   }
 
   const uint8_t* RowOf(const TierData& d, int64_t slot) const {
-    return d.data + slot * f_.row_bytes;
+    return d.data + slot * f->row_bytes;
   }
 
   // Chunk `c` of a token of a raw or q8 tier, as floats.
@@ -213,99 +169,144 @@ class SimdRun {
   // Per-token factors of each kLut segment's values (norms, QJL
   // coefficients; q4: the scales), out[s * kBlock + t].
   void Factors(const TierData& d, int64_t slot0, int n, float* out) const {
-    for (int s = 0; s < f_.num_segments; ++s) {
-      const Segment& seg = f_.segments[s];
-      float* f = out + s * kBlock;
+    if (kKind != ValueKind::kLut) return;
+    for (int s = 0; s < f->num_segments; ++s) {
+      const Segment& seg = f->segments[s];
+      float* factor = out + s * kBlock;
       if (seg.norm_index < 0) {
-        for (int t = 0; t < n; ++t) f[t] = d.scale[slot0 + t];
+        for (int t = 0; t < n; ++t) factor[t] = d.scale[slot0 + t];
       } else {
-        for (int t = 0; t < n; ++t) f[t] = SegmentFactor(f_, d, slot0 + t, seg);
+        for (int t = 0; t < n; ++t) factor[t] = SegmentFactor(*f, d, slot0 + t, seg);
       }
     }
   }
+};
 
-  void Block(int64_t t0, int n) {
-    bool any = false;
+// Per-row state of a run during one block.
+struct RowSpan {
+  int vb, ve;        // visible tokens of the current block, [vb, ve)
+  bool active;       // updates this block
+  float correction;  // of the accumulator, this block
+};
+
+// What a run's key pass and value pass share for one block: the rows'
+// spans, the logits (per kLut key segment) and the softmax weights (per kLut
+// value segment), each [segment][row][kBlock].
+struct BlockState {
+  int rows;
+  RowSpan* row;
+  float* scores;
+  float* weights;
+};
+
+// Out of cache, the hardware prefetchers fall behind: each score tile asks
+// for the tokens kAhead later (K and V rows, scales, norms), spread over
+// the block rather than in bursts that fill every line-fill buffer.
+constexpr int kAhead = 2 * kBlock;
+KVJAX_INLINE void PrefetchTokens(const RunArgs& a, int64_t slot, int count) {
+  if (slot + count > a.first_slot + a.count) return;
+  const TierData* tiers[2] = {&a.k, &a.v};
+  const TierFormat* formats[2] = {a.key_format, a.value_format};
+  for (int i = 0; i < 2; ++i) {
+    const TierData* d = tiers[i];
+    const int64_t row_bytes = formats[i]->row_bytes;
+    const char* begin = reinterpret_cast<const char*>(d->data + slot * row_bytes);
+    for (int64_t b = 0; b < count * row_bytes; b += 64) Isa::Prefetch(begin + b);
+    if (d->scale && slot % 16 == 0) {
+      Isa::Prefetch(d->scale + slot);
+      Isa::Prefetch(d->zero + slot);
+    }
+    if (d->norms && slot % 16 == 0) Isa::Prefetch(d->norms + slot * formats[i]->norm_count);
+  }
+}
+
+// 3. The keys: logits of every row for every token of a block.
+template <ValueKind kKind>
+class KeyPass {
+ public:
+  using V = typename Isa::V;
+  using W = typename Isa::Words;
+  static constexpr int L = Isa::kLanes;
+
+  KeyPass(const RunArgs& a, Arena* arena) : a_(a), rows_(a.rows) {
+    plan_.Plan(*a.key_format, arena);
+    const int lanes = plan_.lanes;
+    q_ = arena->Take<float>(static_cast<size_t>(rows_) * lanes);
+    q_sum_ = arena->Take<float>(rows_);
+    factors_ = arena->Take<float>(kBlock * kMaxSegments);
     for (int r = 0; r < rows_; ++r) {
-      int64_t b, e;
-      VisibleSpan(a_, r, &b, &e);
-      b = b < t0 ? t0 : b;
-      e = e > t0 + n ? t0 + n : e;
-      Row& row = row_[r];
-      row.vb = static_cast<int>(b - t0);
-      row.ve = static_cast<int>(e > b ? e - t0 : b - t0);
-      if (row.ve > row.vb) out_.seen[r] = 1;
-      row.active = row.ve > row.vb && !out_.nan[r];
-      row.correction = 1.0f;
-      any = any || row.active;
-    }
-    if (!any) return;
-    const int64_t slot0 = a_.first_slot + t0;
-    if (kKind == ValueKind::kLut) {
-      Factors(a_.k, slot0, n, k_factors_);
-      Factors(a_.v, slot0, n, v_factors_);
-    }
-    Scores(slot0, n);
-    Softmax(slot0, n);
-    Values(slot0, n);
-  }
-
-  // Out of cache, the hardware prefetchers fall behind: each score tile asks
-  // for the tokens kAhead later (K and V rows, scales, norms), spread over
-  // the block rather than in bursts that fill every line-fill buffer.
-  static constexpr int kAhead = 2 * kBlock;
-  KVJAX_INLINE void Prefetch(int64_t slot, int count) const {
-    if (slot + count > a_.first_slot + a_.count) return;
-    const TierData* tiers[2] = {&a_.k, &a_.v};
-    for (const TierData* d : tiers) {
-      const char* begin = reinterpret_cast<const char*>(RowOf(*d, slot));
-      for (int64_t b = 0; b < count * f_.row_bytes; b += 64) Isa::Prefetch(begin + b);
-      if (d->scale && slot % 16 == 0) {
-        Isa::Prefetch(d->scale + slot);
-        Isa::Prefetch(d->zero + slot);
+      const float* q = a.q + static_cast<int64_t>(r) * lanes;
+      q_sum_[r] = 0.0f;
+      for (int i = 0; i < lanes; ++i) {
+        q_[r * lanes + i] = q[plan_.perm[i]];
+        if (plan_.affine) q_sum_[r] += q[i];  // q4: logits s (q . c) + z sum(q)
       }
-      if (d->norms && slot % 16 == 0) Isa::Prefetch(d->norms + slot * f_.norm_count);
     }
   }
 
-  // 3. scores_[r * kBlock + t] = q_r . k_t for every row and token.
-  void Scores(int64_t slot0, int n) {
+  int segments() const { return kKind == ValueKind::kLut ? plan_.f->num_segments : 1; }
+
+  // scores[s][r][t] = q_r . k_t (segment s's dots) for every row and token.
+  void Scores(const BlockState& st, int64_t slot0, int n) {
+    plan_.Factors(a_.k, slot0, n, factors_);
     // Tiles of 4 rows (a GQA group of 4, or 4 queries), the rest in one
     // tile of 3, 2 or 1: each decoded key chunk serves every row of a tile.
     int r0 = 0;
-    for (; r0 + 4 <= rows_; r0 += 4) ScoreTile<4>(r0, slot0, n);
+    for (; r0 + 4 <= rows_; r0 += 4) ScoreTile<4>(st, r0, slot0, n);
     switch (rows_ - r0) {
-      case 3: ScoreTile<3>(r0, slot0, n); break;
-      case 2: ScoreTile<2>(r0, slot0, n); break;
-      case 1: ScoreTile<1>(r0, slot0, n); break;
+      case 3: ScoreTile<3>(st, r0, slot0, n); break;
+      case 2: ScoreTile<2>(st, r0, slot0, n); break;
+      case 1: ScoreTile<1>(st, r0, slot0, n); break;
       default: break;
     }
   }
 
+  // The logits of row r for block tokens t .. t + L from the dots: the
+  // segments' dots times their factors (q4: s dot + z sum(q)).
+  KVJAX_INLINE V Logits(const BlockState& st, int r, int64_t slot0, int t, int n) const {
+    const float* s = &st.scores[r * kBlock];
+    V x = Isa::Load(s + t);
+    if (kKind == ValueKind::kLut) {
+      const size_t plane = static_cast<size_t>(rows_) * kBlock;
+      x = Isa::Mul(x, Isa::Load(factors_ + t));
+      for (int g = 1; g < plan_.f->num_segments; ++g) {
+        x = Isa::Fma(Isa::Load(s + g * plane + t), Isa::Load(factors_ + g * kBlock + t), x);
+      }
+      if (plan_.affine) {
+        x = Isa::Fma(Isa::Set1(q_sum_[r]), Isa::LoadPartial(a_.k.zero + slot0 + t, n - t), x);
+      }
+    }
+    return x;
+  }
+
+ private:
   template <int kRows>
-  void ScoreTile(int r0, int64_t slot0, int n) {
+  void ScoreTile(const BlockState& st, int r0, int64_t slot0, int n) {
     bool needed = false;
-    for (int i = 0; i < kRows; ++i) needed = needed || row_[r0 + i].active;
+    for (int i = 0; i < kRows; ++i) needed = needed || st.row[r0 + i].active;
     if (!needed) return;
     constexpr int kTokens = L / kRows;
+    const int lanes = plan_.lanes;
     for (int tt = 0; tt < n; tt += kTokens) {
       int64_t slot[kTokens];
-      if (r0 == 0) Prefetch(slot0 + tt + kAhead, kTokens);
+      if (r0 == 0) PrefetchTokens(a_, slot0 + tt + kAhead, kTokens);
 #pragma GCC unroll 16
       for (int j = 0; j < kTokens; ++j) slot[j] = slot0 + (tt + j < n ? tt + j : n - 1);
       // (A token past the end is a repeat of the last one, its dots unused.)
       if (kKind == ValueKind::kLut) {
-        for (int s = 0; s < f_.num_segments; ++s) {
-          switch (segs_[s].mode) {
-            case Isa::kFullWords: ScoreLut<kRows, Isa::kFullWords>(r0, s, tt, n, slot); break;
-            case Isa::kRepeatedWords: ScoreLut<kRows, Isa::kRepeatedWords>(r0, s, tt, n, slot); break;
+        for (int s = 0; s < plan_.f->num_segments; ++s) {
+          switch (plan_.segs[s].mode) {
+            case Isa::kFullWords: ScoreLut<kRows, Isa::kFullWords>(st, r0, s, tt, n, slot); break;
+            case Isa::kRepeatedWords:
+              ScoreLut<kRows, Isa::kRepeatedWords>(st, r0, s, tt, n, slot);
+              break;
             case Isa::kFullWords + kAffineMode:
-              ScoreLut<kRows, Isa::kFullWords + kAffineMode>(r0, s, tt, n, slot);
+              ScoreLut<kRows, Isa::kFullWords + kAffineMode>(st, r0, s, tt, n, slot);
               break;
             case Isa::kRepeatedWords + kAffineMode:
-              ScoreLut<kRows, Isa::kRepeatedWords + kAffineMode>(r0, s, tt, n, slot);
+              ScoreLut<kRows, Isa::kRepeatedWords + kAffineMode>(st, r0, s, tt, n, slot);
               break;
-            default: ScoreLut<kRows, Isa::kThreeBitWords>(r0, s, tt, n, slot); break;
+            default: ScoreLut<kRows, Isa::kThreeBitWords>(st, r0, s, tt, n, slot); break;
           }
         }
         continue;
@@ -313,18 +314,18 @@ class SimdRun {
       V x[L];
 #pragma GCC unroll 16
       for (int i = 0; i < L; ++i) x[i] = Isa::Zero();
-      for (int c = 0; c < chunks_; ++c) {
+      for (int c = 0; c < plan_.chunks; ++c) {
         V q[kRows];
 #pragma GCC unroll 4
-        for (int i = 0; i < kRows; ++i) q[i] = Isa::Load(&q_[(r0 + i) * lanes_ + c * L]);
+        for (int i = 0; i < kRows; ++i) q[i] = Isa::Load(&q_[(r0 + i) * lanes + c * L]);
 #pragma GCC unroll 16
         for (int j = 0; j < kTokens; ++j) {
-          const V k = Direct(a_.k, slot[j], c);
+          const V k = plan_.Direct(a_.k, slot[j], c);
 #pragma GCC unroll 4
           for (int i = 0; i < kRows; ++i) x[i * kTokens + j] = Isa::Fma(q[i], k, x[i * kTokens + j]);
         }
       }
-      StoreDots<kRows>(x, r0, 0, tt, n);
+      StoreDots<kRows>(st, x, r0, 0, tt, n);
     }
   }
 
@@ -332,14 +333,15 @@ class SimdRun {
   // taken as a copy: were the accumulators' own address taken, GCC would keep
   // them in memory through the whole loop.
   template <int kRows>
-  KVJAX_INLINE void StoreDots(const V* accumulators, int r0, int s, int tt, int n) {
+  KVJAX_INLINE void StoreDots(const BlockState& st, const V* accumulators, int r0, int s, int tt,
+                              int n) {
     constexpr int kTokens = L / kRows;
     V x[L];
 #pragma GCC unroll 16
     for (int i = 0; i < L; ++i) x[i] = accumulators[i];
     alignas(64) float dots[L];
     Isa::Store(dots, Isa::ReduceTile(x));
-    float* out = scores_ + static_cast<size_t>(s) * rows_ * kBlock;
+    float* out = st.scores + static_cast<size_t>(s) * rows_ * kBlock;
     for (int i = 0; i < kRows; ++i) {
       for (int j = 0; j < kTokens && tt + j < n; ++j) {
         out[(r0 + i) * kBlock + tt + j] = dots[i * kTokens + j];
@@ -351,10 +353,11 @@ class SimdRun {
   // block, looked up once per iteration (chunk), the segment's table in
   // registers.
   template <int kRows, int kMode>
-  void ScoreLut(int r0, int s, int tt, int n, const int64_t* slot) {
+  void ScoreLut(const BlockState& st, int r0, int s, int tt, int n, const int64_t* slot) {
     constexpr int kTokens = L / kRows;
-    const LutSegment& ls = segs_[s];
-    const typename Isa::Table table = Isa::LoadTable(base_[s]);
+    const LutSegment& ls = plan_.segs[s];
+    const int lanes = plan_.lanes;
+    const typename Isa::Table table = Isa::LoadTable(plan_.base[s]);
     V x[L];
 #pragma GCC unroll 16
     for (int i = 0; i < L; ++i) x[i] = Isa::Zero();
@@ -362,14 +365,15 @@ class SimdRun {
       W words[kTokens];
 #pragma GCC unroll 16
       for (int j = 0; j < kTokens; ++j) {
-        words[j] = Isa::template LutWords<kMode % kAffineMode>(RowOf(a_.k, slot[j]), ls.block[b]);
+        words[j] = Isa::template LutWords<kMode % kAffineMode>(plan_.RowOf(a_.k, slot[j]),
+                                                               ls.block[b]);
       }
       for (int it = 0; it < ls.iterations; ++it) {
         const int c = ls.first_chunk + b * ls.iterations + it;
         const W shift = ls.shift[it];
         V q[kRows];
 #pragma GCC unroll 4
-        for (int i = 0; i < kRows; ++i) q[i] = Isa::Load(&q_[(r0 + i) * lanes_ + c * L]);
+        for (int i = 0; i < kRows; ++i) q[i] = Isa::Load(&q_[(r0 + i) * lanes + c * L]);
 #pragma GCC unroll 16
         for (int j = 0; j < kTokens; ++j) {
           const V k = LutValues<kMode>(words[j], shift, table);
@@ -378,32 +382,283 @@ class SimdRun {
         }
       }
     }
-    StoreDots<kRows>(x, r0, s, tt, n);
+    StoreDots<kRows>(st, x, r0, s, tt, n);
+  }
+
+  const RunArgs& a_;
+  const int rows_;
+  TierPlan<kKind> plan_;
+  float *q_, *q_sum_, *factors_;
+};
+
+// 5. The values: acc_r = acc_r * correction_r + sum over the row's visible
+//    tokens of w[r][t] * v_t, in the value format's domain.
+template <ValueKind kKind>
+class ValuePass {
+ public:
+  using V = typename Isa::V;
+  using M = typename Isa::Mask;
+  using W = typename Isa::Words;
+  static constexpr int L = Isa::kLanes;
+
+  ValuePass(const RunArgs& a, const Partial& out, Arena* arena) : a_(a), out_(out), rows_(a.rows) {
+    plan_.Plan(*a.value_format, arena);
+    const int lanes = plan_.lanes;
+    acc_ = arena->Take<float>(static_cast<size_t>(rows_) * lanes);
+    zero_acc_ = arena->Take<float>(rows_);
+    factors_ = arena->Take<float>(kBlock * kMaxSegments);
+    for (int r = 0; r < rows_; ++r) {
+      const float* acc = out.acc + static_cast<int64_t>(r) * lanes;
+      for (int i = 0; i < lanes; ++i) acc_[r * lanes + i] = acc[plan_.perm[i]];
+      zero_acc_[r] = 0.0f;
+    }
+  }
+
+  void Factors(int64_t slot0, int n) { plan_.Factors(a_.v, slot0, n, factors_); }
+
+  // The weights of row r for block tokens t .. t + L from their softmax
+  // weights p: times each kLut segment's factor; q4's p z summed apart.
+  KVJAX_INLINE void Weights(const BlockState& st, int r, const RowSpan& row, int64_t slot0, int t,
+                            int n, V p, V* zero_sum) const {
+    float* w = &st.weights[r * kBlock];
+    if (kKind != ValueKind::kLut) {
+      Isa::Store(w + t, p);
+      return;
+    }
+    const size_t plane = static_cast<size_t>(rows_) * kBlock;
+    for (int g = 0; g < plan_.f->num_segments; ++g) {
+      Isa::Store(w + g * plane + t, Isa::Mul(p, Isa::Load(factors_ + g * kBlock + t)));
+    }
+    if (plan_.affine) {  // select: a masked token's zero (maybe NaN) never enters
+      const M visible = Isa::SpanMask(t, row.vb, row.ve);
+      *zero_sum = Isa::Add(*zero_sum, Isa::Select(
+          visible, Isa::Mul(p, Isa::LoadPartial(a_.v.zero + slot0 + t, n - t)), Isa::Zero()));
+    }
+  }
+
+  void ScaleZero(int r, float correction, float zero_sum) {
+    zero_acc_[r] = zero_acc_[r] * correction + zero_sum;
+  }
+
+  void Values(const BlockState& st, int64_t slot0, int n) {
+    int r0 = 0;
+    for (; r0 + 4 <= rows_; r0 += 4) ValueRows<4>(st, r0, slot0, n);
+    switch (rows_ - r0) {
+      case 3: ValueRows<3>(st, r0, slot0, n); break;
+      case 2: ValueRows<2>(st, r0, slot0, n); break;
+      case 1: ValueRows<1>(st, r0, slot0, n); break;
+      default: break;
+    }
+  }
+
+  void Finish() {
+    const int lanes = plan_.lanes;
+    for (int r = 0; r < rows_; ++r) {
+      float* acc = out_.acc + static_cast<int64_t>(r) * lanes;
+      for (int i = 0; i < lanes; ++i) acc[plan_.perm[i]] = acc_[r * lanes + i] + zero_acc_[r];
+    }
+  }
+
+ private:
+  // The tokens every active row of a tile sees, and those any sees.
+  struct TileSpan {
+    bool active[4];
+    int common_b, common_e, union_b, union_e;
+  };
+
+  template <int kRows>
+  void ValueRows(const BlockState& st, int r0, int64_t slot0, int n) {
+    TileSpan span{{false, false, false, false}, 0, n, n, 0};
+    bool any = false, all_active = true;
+    for (int i = 0; i < kRows; ++i) {
+      const RowSpan& row = st.row[r0 + i];
+      span.active[i] = row.active;
+      all_active = all_active && row.active;
+      if (!row.active) continue;
+      any = true;
+      span.common_b = row.vb > span.common_b ? row.vb : span.common_b;
+      span.common_e = row.ve < span.common_e ? row.ve : span.common_e;
+      span.union_b = row.vb < span.union_b ? row.vb : span.union_b;
+      span.union_e = row.ve > span.union_e ? row.ve : span.union_e;
+    }
+    if (!any) return;
+    if (!all_active || span.common_e < span.common_b) span.common_b = span.common_e = span.union_b;
+    if (kKind == ValueKind::kLut) {
+      for (int s = 0; s < plan_.f->num_segments; ++s) {
+        const LutSegment& ls = plan_.segs[s];
+        for (int b = 0; b < ls.blocks; ++b) {
+          switch (ls.mode) {
+            case Isa::kFullWords: ValueBlock<kRows, Isa::kFullWords>(st, r0, slot0, span, s, b); break;
+            case Isa::kRepeatedWords:
+              ValueBlock<kRows, Isa::kRepeatedWords>(st, r0, slot0, span, s, b);
+              break;
+            case Isa::kFullWords + kAffineMode:
+              ValueBlock<kRows, Isa::kFullWords + kAffineMode>(st, r0, slot0, span, s, b);
+              break;
+            case Isa::kRepeatedWords + kAffineMode:
+              ValueBlock<kRows, Isa::kRepeatedWords + kAffineMode>(st, r0, slot0, span, s, b);
+              break;
+            default: ValueBlock<kRows, Isa::kThreeBitWords>(st, r0, slot0, span, s, b); break;
+          }
+        }
+      }
+    } else {
+      int c = 0;
+      for (; c + 4 <= plan_.chunks; c += 4) ValueTile<kRows, 4, 0>(st, r0, slot0, span, -1, 0, c);
+      for (; c < plan_.chunks; ++c) ValueTile<kRows, 1, 0>(st, r0, slot0, span, -1, 0, c);
+    }
+  }
+
+  template <int kRows, int kMode>
+  void ValueBlock(const BlockState& st, int r0, int64_t slot0, const TileSpan& span, int s, int b) {
+    const int iterations = plan_.segs[s].iterations;
+    int it = 0;
+    for (; it + 4 <= iterations; it += 4) ValueTile<kRows, 4, kMode>(st, r0, slot0, span, s, b, it);
+    for (; it < iterations; ++it) ValueTile<kRows, 1, kMode>(st, r0, slot0, span, s, b, it);
+  }
+
+  // kChunks chunks of value lanes for kRows rows: chunks c0 .. c0 + kChunks
+  // (raw, q8), or iterations it0 .. of block b of segment s (kLut).
+  template <int kRows, int kChunks, int kMode>
+  void ValueTile(const BlockState& st, int r0, int64_t slot0, const TileSpan& span, int s, int b,
+                 int it0) {
+    V acc[kRows][kChunks];
+#pragma GCC unroll 4
+    for (int i = 0; i < kRows; ++i) {
+#pragma GCC unroll 4
+      for (int j = 0; j < kChunks; ++j) acc[i][j] = Isa::Zero();
+    }
+    const LutSegment* ls = s >= 0 ? &plan_.segs[s] : nullptr;
+    const int c0 = ls ? ls->first_chunk + b * ls->iterations + it0 : it0;
+    const float* weights = st.weights + (s > 0 ? static_cast<size_t>(s) * rows_ * kBlock : 0);
+    const typename Isa::Table table = Isa::LoadTable(plan_.base[ls ? s : 0]);
+    // Tokens every row sees, then the edges, where each row selects.
+    for (int t = span.common_b; t < span.common_e; ++t) {
+      V v[kChunks];
+      ValueChunks<kChunks, kMode>(slot0, t, ls, table, b, it0, c0, v);
+#pragma GCC unroll 4
+      for (int i = 0; i < kRows; ++i) {
+        const V w = Isa::Set1(weights[(r0 + i) * kBlock + t]);
+#pragma GCC unroll 4
+        for (int j = 0; j < kChunks; ++j) acc[i][j] = Isa::Fma(w, v[j], acc[i][j]);
+      }
+    }
+    for (int edge = 0; edge < 2; ++edge) {
+      const int begin = edge == 0 ? span.union_b : span.common_e;
+      const int end = edge == 0 ? span.common_b : span.union_e;
+      for (int t = begin; t < end; ++t) {
+        V v[kChunks];
+        ValueChunks<kChunks, kMode>(slot0, t, ls, table, b, it0, c0, v);
+#pragma GCC unroll 4
+        for (int i = 0; i < kRows; ++i) {
+          const RowSpan& row = st.row[r0 + i];
+          // Select: a token outside the row's span is never multiplied in.
+          const M sees = Isa::RowMask(span.active[i] && t >= row.vb && t < row.ve);
+          const V w = Isa::Set1(weights[(r0 + i) * kBlock + t]);
+#pragma GCC unroll 4
+          for (int j = 0; j < kChunks; ++j) {
+            acc[i][j] = Isa::Select(sees, Isa::Fma(w, v[j], acc[i][j]), acc[i][j]);
+          }
+        }
+      }
+    }
+    const int lanes = plan_.lanes;
+#pragma GCC unroll 4
+    for (int i = 0; i < kRows; ++i) {
+      if (!span.active[i]) continue;
+      const V correction = Isa::Set1(st.row[r0 + i].correction);
+#pragma GCC unroll 4
+      for (int j = 0; j < kChunks; ++j) {
+        float* p = &acc_[(r0 + i) * lanes + (c0 + j) * L];
+        Isa::Store(p, Isa::Fma(Isa::Load(p), correction, acc[i][j]));
+      }
+    }
+  }
+
+  template <int kChunks, int kMode>
+  KVJAX_INLINE void ValueChunks(int64_t slot0, int t, const LutSegment* ls,
+                                const typename Isa::Table& table, int b,
+                                int it0, int c0, V* v) const {
+    const int64_t slot = slot0 + t;
+    if (kKind == ValueKind::kLut) {
+      const W words = Isa::template LutWords<kMode % kAffineMode>(plan_.RowOf(a_.v, slot),
+                                                                  ls->block[b]);
+#pragma GCC unroll 4
+      for (int j = 0; j < kChunks; ++j) v[j] = LutValues<kMode>(words, ls->shift[it0 + j], table);
+    } else {
+#pragma GCC unroll 4
+      for (int j = 0; j < kChunks; ++j) v[j] = plan_.Direct(a_.v, slot, c0 + j);
+    }
+  }
+
+  const RunArgs& a_;
+  const Partial& out_;
+  const int rows_;
+  TierPlan<kKind> plan_;
+  float *acc_, *zero_acc_, *factors_;
+};
+
+// One run: per block of kBlock tokens, the rows' spans, the key pass, the
+// softmax, the value pass. Keys and values may have different formats.
+template <ValueKind kKey, ValueKind kValue>
+class SimdRun {
+ public:
+  using V = typename Isa::V;
+  using M = typename Isa::Mask;
+  static constexpr int L = Isa::kLanes;
+
+  SimdRun(const RunArgs& a, const Partial& out, Arena* arena)
+      : a_(a), out_(out), rows_(a.rows), keys_(a, arena), values_(a, out, arena) {
+    st_.rows = rows_;
+    st_.row = arena->Take<RowSpan>(rows_);
+    const size_t plane = static_cast<size_t>(rows_) * kBlock * kMaxSegments;
+    st_.scores = arena->Take<float>(plane);
+    st_.weights = arena->Take<float>(plane);
+    for (size_t i = 0; i < plane; ++i) st_.scores[i] = 0.0f;
+  }
+
+  void Run() {
+    for (int64_t t0 = 0; t0 < a_.count; t0 += kBlock) {
+      Block(t0, a_.count - t0 < kBlock ? static_cast<int>(a_.count - t0) : kBlock);
+    }
+    values_.Finish();
+  }
+
+ private:
+  void Block(int64_t t0, int n) {
+    bool any = false;
+    for (int r = 0; r < rows_; ++r) {
+      int64_t b, e;
+      VisibleSpan(a_, r, &b, &e);
+      b = b < t0 ? t0 : b;
+      e = e > t0 + n ? t0 + n : e;
+      RowSpan& row = st_.row[r];
+      row.vb = static_cast<int>(b - t0);
+      row.ve = static_cast<int>(e > b ? e - t0 : b - t0);
+      if (row.ve > row.vb) out_.seen[r] = 1;
+      row.active = row.ve > row.vb && !out_.nan[r];
+      row.correction = 1.0f;
+      any = any || row.active;
+    }
+    if (!any) return;
+    const int64_t slot0 = a_.first_slot + t0;
+    keys_.Scores(st_, slot0, n);
+    values_.Factors(slot0, n);
+    Softmax(slot0, n);
+    values_.Values(st_, slot0, n);
   }
 
   // 4. Softmax weights of the block; the state's max, denominator, flags.
-  //    kLut: logits sum the segments' dots times their factors (q4: s dot +
-  //    z sum(q)), and each segment's value weights are p times its factor.
   void Softmax(int64_t slot0, int n) {
     const V minus_inf = Isa::Set1(-__builtin_inff());
-    const size_t plane = static_cast<size_t>(rows_) * kBlock;
     for (int r = 0; r < rows_; ++r) {
-      Row& row = row_[r];
+      RowSpan& row = st_.row[r];
       if (!row.active) continue;
-      float* s = &scores_[r * kBlock];
+      float* s = &st_.scores[r * kBlock];
       V block_max = minus_inf;
       bool bad = false;
       for (int t = 0; t < n; t += L) {
-        V x = Isa::Load(s + t);
-        if (kKind == ValueKind::kLut) {
-          x = Isa::Mul(x, Isa::Load(k_factors_ + t));
-          for (int g = 1; g < f_.num_segments; ++g) {
-            x = Isa::Fma(Isa::Load(s + g * plane + t), Isa::Load(k_factors_ + g * kBlock + t), x);
-          }
-          if (affine_) {
-            x = Isa::Fma(Isa::Set1(q_sum_[r]), Isa::LoadPartial(a_.k.zero + slot0 + t, n - t), x);
-          }
-        }
+        V x = keys_.Logits(st_, r, slot0, t, n);
         if (a_.has_softcap) {
           const V c = Isa::Set1(a_.softcap);
           x = Isa::Mul(c, VecTanh(Isa::Div(x, c)));
@@ -427,177 +682,22 @@ class SimdRun {
       out_.max[r] = new_max;
       V sum = Isa::Zero(), zero_sum = Isa::Zero();
       const V shift_v = Isa::Set1(shift);
-      float* w = &weights_[r * kBlock];
       for (int t = 0; t < n; t += L) {
         const V p = VecExp(Isa::Sub(Isa::Load(s + t), shift_v));  // masked: 0
         sum = Isa::Add(sum, p);
-        if (kKind == ValueKind::kLut) {
-          for (int g = 0; g < f_.num_segments; ++g) {
-            Isa::Store(w + g * plane + t, Isa::Mul(p, Isa::Load(v_factors_ + g * kBlock + t)));
-          }
-          if (affine_) {  // select: a masked token's zero (maybe NaN) never enters
-            const M visible = Isa::SpanMask(t, row.vb, row.ve);
-            zero_sum = Isa::Add(zero_sum, Isa::Select(
-                visible, Isa::Mul(p, Isa::LoadPartial(a_.v.zero + slot0 + t, n - t)), Isa::Zero()));
-          }
-        } else {
-          Isa::Store(w + t, p);
-        }
+        values_.Weights(st_, r, row, slot0, t, n, p, &zero_sum);
       }
       out_.denom[r] = out_.denom[r] * row.correction + Isa::ReduceAdd(sum);
-      zero_acc_[r] = zero_acc_[r] * row.correction + Isa::ReduceAdd(zero_sum);
-    }
-  }
-
-  // 5. acc_r = acc_r * correction_r + sum over the row's visible tokens of
-  //    w[r][t] * v_t.
-  void Values(int64_t slot0, int n) {
-    int r0 = 0;
-    for (; r0 + 4 <= rows_; r0 += 4) ValueRows<4>(r0, slot0, n);
-    switch (rows_ - r0) {
-      case 3: ValueRows<3>(r0, slot0, n); break;
-      case 2: ValueRows<2>(r0, slot0, n); break;
-      case 1: ValueRows<1>(r0, slot0, n); break;
-      default: break;
-    }
-  }
-
-  // The tokens every active row of a tile sees, and those any sees.
-  struct TileSpan {
-    bool active[4];
-    int common_b, common_e, union_b, union_e;
-  };
-
-  template <int kRows>
-  void ValueRows(int r0, int64_t slot0, int n) {
-    TileSpan span{{false, false, false, false}, 0, n, n, 0};
-    bool any = false, all_active = true;
-    for (int i = 0; i < kRows; ++i) {
-      const Row& row = row_[r0 + i];
-      span.active[i] = row.active;
-      all_active = all_active && row.active;
-      if (!row.active) continue;
-      any = true;
-      span.common_b = row.vb > span.common_b ? row.vb : span.common_b;
-      span.common_e = row.ve < span.common_e ? row.ve : span.common_e;
-      span.union_b = row.vb < span.union_b ? row.vb : span.union_b;
-      span.union_e = row.ve > span.union_e ? row.ve : span.union_e;
-    }
-    if (!any) return;
-    if (!all_active || span.common_e < span.common_b) span.common_b = span.common_e = span.union_b;
-    if (kKind == ValueKind::kLut) {
-      for (int s = 0; s < f_.num_segments; ++s) {
-        const LutSegment& ls = segs_[s];
-        for (int b = 0; b < ls.blocks; ++b) {
-          switch (ls.mode) {
-            case Isa::kFullWords: ValueBlock<kRows, Isa::kFullWords>(r0, slot0, span, s, b); break;
-            case Isa::kRepeatedWords: ValueBlock<kRows, Isa::kRepeatedWords>(r0, slot0, span, s, b); break;
-            case Isa::kFullWords + kAffineMode:
-              ValueBlock<kRows, Isa::kFullWords + kAffineMode>(r0, slot0, span, s, b);
-              break;
-            case Isa::kRepeatedWords + kAffineMode:
-              ValueBlock<kRows, Isa::kRepeatedWords + kAffineMode>(r0, slot0, span, s, b);
-              break;
-            default: ValueBlock<kRows, Isa::kThreeBitWords>(r0, slot0, span, s, b); break;
-          }
-        }
-      }
-    } else {
-      int c = 0;
-      for (; c + 4 <= chunks_; c += 4) ValueTile<kRows, 4, 0>(r0, slot0, span, -1, 0, c);
-      for (; c < chunks_; ++c) ValueTile<kRows, 1, 0>(r0, slot0, span, -1, 0, c);
-    }
-  }
-
-  template <int kRows, int kMode>
-  void ValueBlock(int r0, int64_t slot0, const TileSpan& span, int s, int b) {
-    const int iterations = segs_[s].iterations;
-    int it = 0;
-    for (; it + 4 <= iterations; it += 4) ValueTile<kRows, 4, kMode>(r0, slot0, span, s, b, it);
-    for (; it < iterations; ++it) ValueTile<kRows, 1, kMode>(r0, slot0, span, s, b, it);
-  }
-
-  // kChunks chunks of value lanes for kRows rows: chunks c0 .. c0 + kChunks
-  // (raw, q8), or iterations it0 .. of block b of segment s (kLut).
-  template <int kRows, int kChunks, int kMode>
-  void ValueTile(int r0, int64_t slot0, const TileSpan& span, int s, int b, int it0) {
-    V acc[kRows][kChunks];
-#pragma GCC unroll 4
-    for (int i = 0; i < kRows; ++i) {
-#pragma GCC unroll 4
-      for (int j = 0; j < kChunks; ++j) acc[i][j] = Isa::Zero();
-    }
-    const LutSegment* ls = s >= 0 ? &segs_[s] : nullptr;
-    const int c0 = ls ? ls->first_chunk + b * ls->iterations + it0 : it0;
-    const float* weights = weights_ + (s > 0 ? static_cast<size_t>(s) * rows_ * kBlock : 0);
-    const typename Isa::Table table = Isa::LoadTable(base_[ls ? s : 0]);
-    // Tokens every row sees, then the edges, where each row selects.
-    for (int t = span.common_b; t < span.common_e; ++t) {
-      V v[kChunks];
-      ValueChunks<kChunks, kMode>(slot0, t, ls, table, b, it0, c0, v);
-#pragma GCC unroll 4
-      for (int i = 0; i < kRows; ++i) {
-        const V w = Isa::Set1(weights[(r0 + i) * kBlock + t]);
-#pragma GCC unroll 4
-        for (int j = 0; j < kChunks; ++j) acc[i][j] = Isa::Fma(w, v[j], acc[i][j]);
-      }
-    }
-    for (int edge = 0; edge < 2; ++edge) {
-      const int begin = edge == 0 ? span.union_b : span.common_e;
-      const int end = edge == 0 ? span.common_b : span.union_e;
-      for (int t = begin; t < end; ++t) {
-        V v[kChunks];
-        ValueChunks<kChunks, kMode>(slot0, t, ls, table, b, it0, c0, v);
-#pragma GCC unroll 4
-        for (int i = 0; i < kRows; ++i) {
-          const Row& row = row_[r0 + i];
-          // Select: a token outside the row's span is never multiplied in.
-          const M sees = Isa::RowMask(span.active[i] && t >= row.vb && t < row.ve);
-          const V w = Isa::Set1(weights[(r0 + i) * kBlock + t]);
-#pragma GCC unroll 4
-          for (int j = 0; j < kChunks; ++j) {
-            acc[i][j] = Isa::Select(sees, Isa::Fma(w, v[j], acc[i][j]), acc[i][j]);
-          }
-        }
-      }
-    }
-#pragma GCC unroll 4
-    for (int i = 0; i < kRows; ++i) {
-      if (!span.active[i]) continue;
-      const V correction = Isa::Set1(row_[r0 + i].correction);
-#pragma GCC unroll 4
-      for (int j = 0; j < kChunks; ++j) {
-        float* p = &acc_[(r0 + i) * lanes_ + (c0 + j) * L];
-        Isa::Store(p, Isa::Fma(Isa::Load(p), correction, acc[i][j]));
-      }
-    }
-  }
-
-  template <int kChunks, int kMode>
-  KVJAX_INLINE void ValueChunks(int64_t slot0, int t, const LutSegment* ls,
-                                const typename Isa::Table& table, int b,
-                                int it0, int c0, V* v) const {
-    const int64_t slot = slot0 + t;
-    if (kKind == ValueKind::kLut) {
-      const W words = Isa::template LutWords<kMode % kAffineMode>(RowOf(a_.v, slot), ls->block[b]);
-#pragma GCC unroll 4
-      for (int j = 0; j < kChunks; ++j) v[j] = LutValues<kMode>(words, ls->shift[it0 + j], table);
-    } else {
-#pragma GCC unroll 4
-      for (int j = 0; j < kChunks; ++j) v[j] = Direct(a_.v, slot, c0 + j);
+      values_.ScaleZero(r, row.correction, Isa::ReduceAdd(zero_sum));
     }
   }
 
   const RunArgs& a_;
   const Partial& out_;
-  const TierFormat& f_;
-  const int lanes_, chunks_, rows_;
-  int* perm_;
-  float *q_, *acc_, *scores_, *weights_, *k_factors_, *v_factors_, *q_sum_, *zero_acc_;
-  bool affine_ = false;
-  Row* row_;
-  LutSegment segs_[kMaxSegments];
-  float base_[kMaxSegments][16] = {};
+  const int rows_;
+  KeyPass<kKey> keys_;
+  ValuePass<kValue> values_;
+  BlockState st_;
 };
 
 // Whether this variant's vectors fit the format (else the scalar reference
@@ -616,17 +716,29 @@ inline bool SimdFits(const TierFormat& f) {
   return true;
 }
 
+template <ValueKind kKey>
+void RunWithValues(const RunArgs& a, const Partial& out, Arena* arena) {
+  switch (a.value_format->kind) {
+    case ValueKind::kF32: SimdRun<kKey, ValueKind::kF32>(a, out, arena).Run(); return;
+    case ValueKind::kBF16: SimdRun<kKey, ValueKind::kBF16>(a, out, arena).Run(); return;
+    case ValueKind::kF16: SimdRun<kKey, ValueKind::kF16>(a, out, arena).Run(); return;
+    case ValueKind::kQ8: SimdRun<kKey, ValueKind::kQ8>(a, out, arena).Run(); return;
+    case ValueKind::kLut: SimdRun<kKey, ValueKind::kLut>(a, out, arena).Run(); return;
+  }
+}
+
 inline void SimdAttendRun(const RunArgs& a, const Partial& out) {
-  if (!SimdFits(*a.format)) {
+  if (!SimdFits(*a.key_format) || !SimdFits(*a.value_format)) {
     scalar::AttendRun(a, out);
     return;
   }
-  switch (a.format->kind) {
-    case ValueKind::kF32: SimdRun<ValueKind::kF32>(a, out).Run(); return;
-    case ValueKind::kBF16: SimdRun<ValueKind::kBF16>(a, out).Run(); return;
-    case ValueKind::kF16: SimdRun<ValueKind::kF16>(a, out).Run(); return;
-    case ValueKind::kQ8: SimdRun<ValueKind::kQ8>(a, out).Run(); return;
-    case ValueKind::kLut: SimdRun<ValueKind::kLut>(a, out).Run(); return;
+  Arena arena(a.scratch);
+  switch (a.key_format->kind) {
+    case ValueKind::kF32: RunWithValues<ValueKind::kF32>(a, out, &arena); return;
+    case ValueKind::kBF16: RunWithValues<ValueKind::kBF16>(a, out, &arena); return;
+    case ValueKind::kF16: RunWithValues<ValueKind::kF16>(a, out, &arena); return;
+    case ValueKind::kQ8: RunWithValues<ValueKind::kQ8>(a, out, &arena); return;
+    case ValueKind::kLut: RunWithValues<ValueKind::kLut>(a, out, &arena); return;
   }
 }
 
