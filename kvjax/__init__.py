@@ -6,12 +6,19 @@ from kvjax._affine import Q8Codes
 from kvjax._attention import attend
 from kvjax._backend import backend_info
 from kvjax._formats import RawValues
+from kvjax._io import CacheFileError
+from kvjax._io import file_metadata
+from kvjax._io import load
+from kvjax._io import save
+from kvjax._layers import ModelCache
+from kvjax._layers import init_layers
+from kvjax._layers import layer_runs
+from kvjax._layers import length
 from kvjax._ops import dequantize
 from kvjax._ops import quantize
 from kvjax._spec import CacheSpec
 from kvjax._state import KVCache
 from kvjax._state import init
-from kvjax._state import length
 from kvjax._transforms import acknowledge_overflow
 from kvjax._transforms import append
 from kvjax._transforms import check
@@ -26,8 +33,10 @@ __version__ = "0.1.0"
 
 __all__ = (
     "AffineCodes",
+    "CacheFileError",
     "CacheSpec",
     "KVCache",
+    "ModelCache",
     "Q4Codes",
     "Q8Codes",
     "RawValues",
@@ -40,10 +49,15 @@ __all__ = (
     "clear",
     "dequantize",
     "evict",
+    "file_metadata",
     "init",
+    "init_layers",
+    "layer_runs",
     "length",
+    "load",
     "materialize",
     "migrate",
     "quantize",
+    "save",
     "stats",
 )

@@ -20,6 +20,7 @@ import numpy as np
 
 from kvjax import _backend
 from kvjax import _checks
+from kvjax import _layers
 from kvjax import _state
 from kvjax import ffi
 from kvjax._state import KVCache
@@ -177,7 +178,7 @@ def attend(cache: KVCache, q, *, q_pos=None, scale=None, window=None,
 
   Args:
     cache: a `KVCache` (one sequence; `jax.vmap` for a batch); with `layer`,
-      a stack of per-layer caches.
+      a stack of per-layer caches or a `ModelCache`.
     q: `[n_q, Hq, D]` queries; query head `h` reads kv head `h // (Hq // H)`.
     q_pos: int `[n_q]` absolute positions (an array or a list); default the
       last `n_q` appended.
@@ -204,6 +205,10 @@ def attend(cache: KVCache, q, *, q_pos=None, scale=None, window=None,
     ValueError: at trace time, for a `q`, `q_pos`, `scale`, `window`,
       `softcap` or `layer` of the wrong kind.
   """
+  if isinstance(cache, _layers.ModelCache):
+    return _layers.read_layer(cache, layer, "attend", lambda stack, i: attend(
+        stack, q, q_pos=q_pos, scale=scale, window=window, softcap=softcap, layer=i,
+        block_size=block_size, implementation=implementation))
   if q_pos is not None and not isinstance(q_pos, (jax.Array, jax.core.Tracer)):
     q_pos = np.asarray(q_pos)
   _check_query(cache, q, q_pos, layer)

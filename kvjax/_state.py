@@ -260,10 +260,3 @@ def with_counters(cache: KVCache, layer, **counters) -> KVCache:
     counters = {name: getattr(cache, name).at[layer].set(value)
                 for name, value in counters.items()}
   return dataclasses.replace(cache, **counters)
-
-
-def length(cache: KVCache) -> jax.Array:
-  """Positions handed out so far (int32; `[B]` for a batch): the position the
-  next appended token gets, e.g. for RoPE in a decoding loop."""
-  require_cache(cache, "length")
-  return cache.length

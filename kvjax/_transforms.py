@@ -15,7 +15,9 @@ import numpy as np
 from jax.experimental import checkify
 
 from kvjax import _checks
+from kvjax import _layers
 from kvjax import _state
+from kvjax._layers import ModelCache
 from kvjax._state import KVCache
 
 
@@ -44,7 +46,8 @@ def append(cache: KVCache, k, v, n_valid=None, *, layer=None) -> KVCache:
   """Appends tokens to the cache.
 
   Args:
-    cache: a `KVCache`; with `layer`, a stack of per-layer caches.
+    cache: a `KVCache`; with `layer`, a stack of per-layer caches or a
+      `ModelCache` (`kvjax.init_layers`).
     k, v: `[n, H, D]`, any float dtype, `n >= 1` (static). Rounded to the
       spec's `hot_dtype` first; the store encodes the rounded values.
     n_valid: optional int scalar (may be traced): only the first `n_valid`
@@ -63,6 +66,9 @@ def append(cache: KVCache, k, v, n_valid=None, *, layer=None) -> KVCache:
     ValueError: at trace time, if `k` or `v` has the wrong shape or dtype,
       `n_valid` is not an int scalar, or a static `layer` is outside the stack.
   """
+  if isinstance(cache, ModelCache):
+    return _layers.on_layer(cache, layer, "append",
+                            lambda stack, i: append(stack, k, v, n_valid, layer=i))
   # Checked here, before `jit` makes every argument a tracer, so concrete
   # values are named in the message.
   _state.require_single(cache, "append", layer)
@@ -172,8 +178,13 @@ def migrate(cache: KVCache, *, layer=None) -> KVCache:
   """Moves every tail token beyond the newest `tail` into the store now.
 
   Only a counter changes: the store already holds every token's codes.
-  With `layer`, only that layer of a stack.
+  With `layer`, only that layer of a stack or `ModelCache` (a `ModelCache`
+  without `layer`: every layer).
   """
+  if isinstance(cache, ModelCache):
+    if layer is None:
+      return _layers.every_layer(cache, "migrate", migrate)
+    return _layers.on_layer(cache, layer, "migrate", lambda s, i: migrate(s, layer=i))
   _state.require_single(cache, "migrate", layer)
   return _migrate(cache, layer)
 
@@ -191,11 +202,17 @@ def evict(cache: KVCache, n, *, layer=None) -> KVCache:
   Args:
     cache: a `KVCache`; with `layer`, a stack of per-layer caches.
     n: int scalar (may be traced); clipped to the retained non-sink count.
-    layer: optional int scalar (may be traced): evict from this layer only.
+    layer: optional int scalar (may be traced): evict from this layer only
+      (a `ModelCache` without `layer`: from every layer).
 
   Raises:
     ValueError: `n` is not an int scalar (a float is never truncated).
   """
+  if isinstance(cache, ModelCache):
+    _checks.int_scalar("n", n)
+    if layer is None:
+      return _layers.every_layer(cache, "evict", lambda c: evict(c, n))
+    return _layers.on_layer(cache, layer, "evict", lambda s, i: evict(s, n, layer=i))
   _state.require_single(cache, "evict", layer)
   _checks.int_scalar("n", n)
   return _evict(cache, n, layer)
@@ -219,7 +236,10 @@ def clear(cache: KVCache) -> KVCache:
   stay in the buffers until overwritten but are never read (attention
   selects, never multiplies by zero), and per-head state such as the split
   formats' outlier order is chosen again by the next first non-sink token.
+  A batch, a stack or a `ModelCache` is cleared entirely.
   """
+  if isinstance(cache, ModelCache):
+    return _layers.every_run(cache, _clear)
   _state.require_cache(cache, "clear")
   return _clear(cache)
 
@@ -237,8 +257,11 @@ def acknowledge_overflow(cache: KVCache) -> KVCache:
 
   Call it after handling an overflow (`kvjax.check` raised, or
   `stats()["overflow"]`): `check` is then quiet until the next refusal.
-  Nothing else changes. Works on one cache, a batch or a stack (every entry).
+  Nothing else changes. Works on one cache, a batch, a stack or a
+  `ModelCache` (every entry).
   """
+  if isinstance(cache, ModelCache):
+    return _layers.every_run(cache, _acknowledge_overflow)
   _state.require_cache(cache, "acknowledge_overflow")
   return _acknowledge_overflow(cache)
 
@@ -265,7 +288,8 @@ def check(cache: KVCache) -> None:
   """Raises on the host if any append refused tokens.
 
   Returns quietly for a healthy cache (or batch / stack of caches). A host
-  function: call it outside `jit`.
+  function: call it outside `jit`. A `ModelCache` is checked run by run,
+  naming its layers.
 
   Raises:
     IndexError: an append with a traced `layer` outside the stack stored
@@ -274,6 +298,14 @@ def check(cache: KVCache) -> None:
       `clear` or `acknowledge_overflow`, saying how many (and in which
       caches of a batch or stack).
   """
+  if isinstance(cache, ModelCache):
+    for run, (first, n, _) in zip(cache.runs, _layers.layer_runs(cache)):
+      try:
+        check(run)
+      except (IndexError, OverflowError) as e:
+        raise type(e)(f"ModelCache layers {first}..{first + n - 1} (one run; its caches "
+                      f"are indexed from 0 within it): {e}") from None
+    return
   _state.require_cache(cache, "check")
   _checks.require_host(cache, "check")
   misrouted = np.asarray(jax.device_get(cache.bad_layer_tokens))

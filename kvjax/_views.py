@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import _checks
+from kvjax import _layers
 from kvjax import _state
 from kvjax._state import KVCache
 
@@ -15,7 +16,8 @@ def materialize(cache: KVCache, *, layer=None):
   """The retained tokens, dequantized, sorted by position, valid rows first.
 
   Args:
-    cache: a `KVCache`; with `layer`, a stack of per-layer caches.
+    cache: a `KVCache`; with `layer`, a stack of per-layer caches or a
+      `ModelCache`.
     layer: optional int scalar (may be traced): that layer of the stack. A
       traced index outside the stack gives NaN `k` and `v` (and no valid row).
 
@@ -24,6 +26,9 @@ def materialize(cache: KVCache, *, layer=None):
     [capacity]`, `valid: bool [capacity]`; invalid rows have `k = v = 0` and
     `pos = -1`. (ruvllm: `get_all_kv`.)
   """
+  if isinstance(cache, _layers.ModelCache):
+    return _layers.read_layer(cache, layer, "materialize",
+                              lambda stack, i: materialize(stack, layer=i))
   _state.require_single(cache, "materialize", layer)
   return _materialize(cache, layer)
 
@@ -92,7 +97,14 @@ def stats(cache: KVCache) -> dict:
     bytes per token slot, keys and values together; `key_bits_per_value` and
     `value_bits_per_value` each alone) and `compression_ratio` (float32 bytes of the
     retained tokens / bytes they occupy; nan for an empty cache).
+
+    For a `ModelCache`: `{"layers": [one such dict per layer], "total":
+    {...}}`, where the total sums the bytes and tokens of every layer (and
+    sequence) and measures `store_bits_per_value`, `key_bits_per_value`,
+    `value_bits_per_value` and `compression_ratio` over all of them.
   """
+  if isinstance(cache, _layers.ModelCache):
+    return _model_stats(cache)
   _state.require_cache(cache, "stats")
   _checks.require_host(cache, "stats")
   spec = cache.spec
@@ -138,3 +150,39 @@ def stats(cache: KVCache) -> dict:
   return {k: np.array([r[k] for r in rows], dtype=object).reshape(batch_shape).tolist()
           for k in rows[0]}
 
+
+
+_SUMMED = ("sink_tokens", "tail_tokens", "store_tokens", "retained_tokens",
+           "evicted_tokens", "rejected_tokens", "bad_layer_tokens", "sink_bytes",
+           "tail_bytes", "store_bytes", "allocated_bytes")
+
+
+def _model_stats(cache) -> dict:
+  """Per-layer stats and totals of a `ModelCache` (measured, run by run)."""
+  batched = cache.runs[0].length.ndim == 2
+  layers, totals = [], {k: 0 for k in _SUMMED}
+  store_values = key_bits = value_bits = retained_values = 0.0
+  for run, n in zip(cache.runs, cache.run_layers):
+    st = stats(run)  # values nested [layer] or [sequence][layer]
+    per_value = 2 * run.spec.num_kv_heads * run.spec.head_dim
+    for i in range(n):
+      layer = {k: [row[i] for row in v] if batched else v[i] for k, v in st.items()}
+      layers.append(layer)
+      entries = [{k: v[b] for k, v in layer.items()} for b in range(len(layer["length"]))] \
+          if batched else [layer]
+      for e in entries:
+        for k in _SUMMED:
+          totals[k] += e[k]
+        store_values += e["store_tokens"] * per_value
+        retained_values += e["retained_tokens"] * per_value
+        key_bits += e["store_tokens"] * per_value / 2 * e["key_bits_per_value"]
+        value_bits += e["store_tokens"] * per_value / 2 * e["value_bits_per_value"]
+  nan = float("nan")
+  used = totals["sink_bytes"] + totals["tail_bytes"] + totals["store_bytes"]
+  totals.update(
+      store_bits_per_value=8.0 * totals["store_bytes"] / store_values if store_values else nan,
+      key_bits_per_value=2 * key_bits / store_values if store_values else nan,
+      value_bits_per_value=2 * value_bits / store_values if store_values else nan,
+      compression_ratio=4.0 * retained_values / used if used else nan,
+      num_layers=cache.num_layers, length=layers[0]["length"])
+  return {"layers": layers, "total": totals}

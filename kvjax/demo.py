@@ -3,6 +3,8 @@ questions about a real text, with its KV cache in kvjax, once per store format.
 
     python -m kvjax demo [--model smollm2|random] [--formats f32,bf16,q8,q4] ...
     python -m kvjax demo --long     # 8k-token prompts: decode speed by format
+    python -m kvjax demo --formats q8/q4 --save-prompt p.kvjax   # then
+    python -m kvjax demo --formats q8/q4 --load-prompt p.kvjax   # no prefill
 
 By default each question comes with the section of the Apache-2.0 license
 (shipped with kvjax) that answers it; `--text FILE` asks about the start of
@@ -14,12 +16,19 @@ Each format prefills the same ragged prompts in chunks (`vmap` over the batch,
 `lax.scan`: greedily on its own (the text it prints), and fed the tokens that
 the float32 cache chose, so its next-token distributions can be compared with
 float32's step by step (KL divergence and greedy-token agreement).
+
+A format may name keys and values apart (`q8/q4`: q8 keys, q4 values).
+`--save-prompt FILE` writes each format's prefilled caches (`kvjax.save`;
+with several formats, FILE gets the format in its name, `p.q4.kvjax`), and
+`--load-prompt FILE` in a later run starts decoding from them without
+prefilling: the file must hold this model's caches of these very prompts.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import pathlib
 import sys
@@ -32,6 +41,7 @@ import numpy as np
 
 import kvjax
 from kvjax import _formats
+from kvjax import _spec
 from kvjax.models import llama
 
 DEFAULT_FORMATS = ("f32", "q8", "q4", "turbo3.5")
@@ -142,17 +152,26 @@ def chat_workload(name, config, params, tokenizer, messages, new_tokens,
                   tuple(questions or messages), tokenizer, tokenizer.eos_id)
 
 
-def spec_for(work: Workload, store: str, args) -> kvjax.CacheSpec:
+POLICY_ROW = "policy"
+
+
+def spec_for(work: Workload, store: str, args) -> list:
+  """One `CacheSpec` per layer: `store` for all, or the `--policy` file's
+  formats per layer (the "policy" row)."""
   total = int(work.prompt_lengths.max()) + work.new_tokens
-  capacity = args.capacity or total
+  geometry = dict(capacity=args.capacity or total, tail=args.tail,
+                  migrate_batch=args.migrate_batch, sinks=args.sinks)
+  if store == POLICY_ROW:
+    from kvjax import calibrate
+    return calibrate.policy_specs(args.policy_data, work.config, hot_dtype=args.hot_dtype,
+                                  **geometry)
   hot = "float32" if store == REFERENCE_FORMAT else args.hot_dtype
-  return llama.cache_spec(work.config, capacity=capacity, tail=args.tail,
-                          migrate_batch=args.migrate_batch, sinks=args.sinks,
-                          hot_dtype=hot, store=store)
+  return [llama.cache_spec(work.config, hot_dtype=hot, store=store, **geometry)
+          ] * work.config.n_layers
 
 
-def make_runner(work: Workload, spec: kvjax.CacheSpec, chunk: int):
-  """Compiled prefill and decode programs for one cache spec."""
+def make_runner(work: Workload, spec, chunk: int):
+  """Compiled prefill and decode programs for one cache spec per layer."""
   config = work.config
   forward = jax.vmap(
       lambda params, caches, tokens, n: llama.forward(params, config, caches, tokens, n),
@@ -191,11 +210,22 @@ def run_format(work: Workload, store: str, args, forced):
   `forced`. Returns the table row, the log-probabilities and choices of the
   fed run, and the free run's tokens."""
   spec = spec_for(work, store, args)
+  batch = len(work.prompt_lengths)
+  prompt_file = args.load_prompt or args.save_prompt
+  if prompt_file:
+    prompt_file = prompt_path(prompt_file, store, run_formats(args))
+  loaded_s = None
+  if args.load_prompt:  # checked before compiling: a wrong file fails fast
+    t0 = time.perf_counter()
+    caches = kvjax.load(prompt_file, spec=spec,
+                        metadata=prompt_metadata(work))
+    jax.block_until_ready(caches)
+    loaded_s = time.perf_counter() - t0
+    prefill_s = float(kvjax.file_metadata(prompt_file)["prefill_s"])
   t0 = time.perf_counter()
   prefill, decode = make_runner(work, spec, args.chunk)
   compile_s = time.perf_counter() - t0
   params = jax.device_put(work.params)
-  batch = len(work.prompt_lengths)
 
   def prefilled():
     """Caches holding every prompt token but the last (which starts the
@@ -212,8 +242,12 @@ def run_format(work: Workload, store: str, args, forced):
     jax.block_until_ready(caches)
     return caches, time.perf_counter() - t0
 
+  if not args.load_prompt:
+    caches, prefill_s = prefilled()
+    if args.save_prompt:
+      kvjax.save(prompt_file, caches,
+                 metadata={**prompt_metadata(work), "prefill_s": f"{prefill_s:.6f}"})
   first = work.prompts[np.arange(batch), work.prompt_lengths - 1]
-  caches, prefill_s = prefilled()
   # Rows [0, B) decode freely, rows [B, 2B) are fed `forced` (float32's
   # tokens): one scan, nearly the cost of one, since decode steps are bound by
   # reading the weights.
@@ -225,20 +259,44 @@ def run_format(work: Workload, store: str, args, forced):
                                 np.concatenate([free, fed], axis=1))
   jax.block_until_ready(logp)
   decode_s = time.perf_counter() - t0
-  stats = kvjax.stats(jax.tree.map(lambda a: a[:batch], caches))  # [seq][layer]
+  total = kvjax.stats(jax.tree.map(lambda a: a[:batch], caches))["total"]
   own_tokens = np.asarray(chosen)[:, :batch]
   logp, chosen = np.asarray(logp)[:, batch:], np.asarray(chosen)[:, batch:]
-  per_layer = lambda key: int(np.sum(stats[key]))
   row = dict(
-      format=store, hot_dtype=spec.hot_dtype, compile_s=compile_s,
+      format=store, hot_dtype=spec[0].hot_dtype, compile_s=compile_s,
       prefill_tok_s=float((work.prompt_lengths - 1).sum()) / prefill_s,
       decode_tok_s=work.new_tokens * 2 * batch / decode_s,
       decode_tok_s_per_sequence=work.new_tokens / decode_s,
-      sink_bytes=per_layer("sink_bytes"), tail_bytes=per_layer("tail_bytes"),
-      store_bytes=per_layer("store_bytes"),
-      store_bits=float(np.mean(stats["store_bits_per_value"])),
-      compression=float(np.mean(stats["compression_ratio"])))
+      sink_bytes=total["sink_bytes"], tail_bytes=total["tail_bytes"],
+      store_bytes=total["store_bytes"], store_bits=total["store_bits_per_value"],
+      compression=total["compression_ratio"], prompt_file=prompt_file or None,
+      prefill_s=prefill_s, prompt_load_s=loaded_s,
+      tokens=own_tokens.T.tolist())  # each sequence's greedy tokens
   return row, logp, chosen, own_tokens
+
+
+def run_formats(args):
+  """The formats a run decodes: float32 (the reference) first."""
+  return ([REFERENCE_FORMAT] + [f for f in args.formats if f != REFERENCE_FORMAT]
+          + ([POLICY_ROW] if args.policy else []))
+
+
+def prompt_path(path: str, store: str, formats) -> str:
+  """The prompt cache file of `store`: `path` itself for a single format,
+  else with the format in its name (`p.kvjax` -> `p.q8-q4.kvjax`)."""
+  if len(formats) == 1:
+    return path
+  tag = store.replace("/", "-")
+  stem, dot, suffix = path.rpartition(".")
+  return f"{stem}.{tag}.{suffix}" if dot and "/" not in suffix else f"{path}.{tag}"
+
+
+def prompt_metadata(work: Workload) -> dict:
+  """What a prompt cache must match: the model and the prompt tokens."""
+  digest = hashlib.sha256()
+  for prompt, n in zip(work.prompts, work.prompt_lengths):
+    digest.update(np.ascontiguousarray(prompt[:n - 1], "<i4").tobytes() + b";")
+  return {"model": work.name, "prompt_tokens_sha256": digest.hexdigest()}
 
 
 def format_table(rows) -> str:
@@ -288,6 +346,14 @@ def parse_args(argv):
   p.add_argument("--hot-dtype", default="bfloat16",
                  choices=["float32", "bfloat16", "float16"])
   p.add_argument("--json", default="", help="also write the rows to this file")
+  p.add_argument("--policy", default="", metavar="FILE",
+                 help="add a row with the per-layer formats of this policy "
+                 "(python -m kvjax calibrate)")
+  p.add_argument("--save-prompt", default="", metavar="FILE",
+                 help="save each format's prefilled caches (kvjax.save)")
+  p.add_argument("--load-prompt", default="", metavar="FILE",
+                 help="decode from caches saved by --save-prompt instead of "
+                 "prefilling (same model, prompts and flags)")
   args = p.parse_args(argv)
   if not args.prompt_len:
     args.prompt_len = LONG_PROMPT_TOKENS if args.long else 320
@@ -300,10 +366,21 @@ def parse_args(argv):
   except OSError as e:
     p.error(f"--text: cannot read {args.text!r}: {e.strerror or e}")
   args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-  unknown = [f for f in args.formats if f not in _formats.FORMATS]
+  unknown = [f for f in args.formats if _spec._store_names(f) is None]
   if unknown or not args.formats:
-    p.error(f"--formats: unknown {unknown}; choose from {', '.join(_formats.FORMATS)}")
+    p.error(f"--formats: unknown {unknown}; choose from {', '.join(_formats.FORMATS)}, "
+            "or keys/values such as q8/q4")
+  if args.save_prompt and args.load_prompt:
+    p.error("--save-prompt and --load-prompt: use one at a time")
+  args.policy_data = None
+  if args.policy:
+    try:
+      with open(args.policy) as f:
+        args.policy_data = json.load(f)
+    except (OSError, ValueError) as e:
+      p.error(f"--policy: cannot read {args.policy!r}: {e}")
   return args
+
 
 
 def generated_text(work: Workload, tokens) -> str:
@@ -327,7 +404,7 @@ def main(argv=None) -> int:
     except smollm2.ModelNotInstalled as e:
       print(f"error: {e}", file=sys.stderr)
       return 1
-  formats = [REFERENCE_FORMAT] + [f for f in args.formats if f != REFERENCE_FORMAT]
+  formats = run_formats(args)
   batch = len(work.prompt_lengths)
   print(f"kvjax demo: model {work.name}\n  batch {batch}, prompts "
         f"{work.prompt_lengths.min()}-{work.prompt_lengths.max()} tokens, "
@@ -349,7 +426,13 @@ def main(argv=None) -> int:
       texts[store] = [generated_text(work, own[:, b]) for b in range(batch)]
       row["text"] = texts[store]
     rows.append(row)
-    print(f" done (compile {row['compile_s']:.1f}s)", flush=True)
+    loaded = ""
+    if row["prompt_load_s"] is not None:
+      loaded = (f"; prompt cache loaded from {row['prompt_file']} in "
+                f"{row['prompt_load_s']:.3f}s, its prefill took {row['prefill_s']:.2f}s")
+    elif row["prompt_file"]:
+      loaded = f"; prompt cache saved to {row['prompt_file']}"
+    print(f" done (compile {row['compile_s']:.1f}s{loaded})", flush=True)
   print()
   print(format_table(rows))
   if texts:

@@ -70,25 +70,28 @@ OPTIONS = [
 CASES = ([(store, 64) for store in _formats.FORMATS] +
          [(store, 128) for store in ("f32", "bf16", "q8", "q4", "turbo4", "turbo3.5",
                                      "turbo3", "turbo2p")] +
-         [(store, 16) for store in ("f16", "q4", "turbo2.5", "turbo1p")])
+         [(store, 16) for store in ("f16", "q4", "turbo2.5", "turbo1p")] +
+         # Keys and values in different formats: each pass with its own
+         # decoder, lanes (prod formats: 2D) and channel order (split formats).
+         [(("q8", "q4"), 128), (("q4", "q8"), 64), (("bf16", "turbo3.5"), 64),
+          (("turbo3.5", "f16"), 64), (("q8", "turbo2p"), 64), (("turbo1p", "q4"), 16)])
 
 
 def cases(pairs=CASES):
   """(name, cache, q, q_pos, kwargs) for each (store, head_dim), hot dtypes
   in turn."""
   for i, (store, d) in enumerate(pairs):
-    if True:
-      j = i
-      hot = HOT[i % 3]
-      cache = filled(store, head_dim=d, hot_dtype=hot, evict=5 * (i % 4), seed=i)
-      length = kvjax.stats(cache)["length"]
-      rng = np.random.default_rng(100 + i)
-      for n_q, group, window, softcap, scale in OPTIONS:
-        q = rng.normal(size=(n_q, 2 * group, d)).astype(np.float32)
-        q_pos = np.sort(rng.integers(length - 60, length, n_q)).astype(np.int32)
-        kw = {k: v for k, v in dict(window=window, softcap=softcap, scale=scale).items()
-              if v is not None}
-        yield (f"{store}/D{d}/{hot}/nq{n_q}/g{group}/{sorted(kw)}", cache, q, q_pos, kw)
+    hot = HOT[i % 3]
+    cache = filled(store, head_dim=d, hot_dtype=hot, evict=5 * (i % 4), seed=i)
+    length = kvjax.stats(cache)["length"]
+    rng = np.random.default_rng(100 + i)
+    for n_q, group, window, softcap, scale in OPTIONS:
+      q = rng.normal(size=(n_q, 2 * group, d)).astype(np.float32)
+      q_pos = np.sort(rng.integers(length - 60, length, n_q)).astype(np.int32)
+      kw = {k: v for k, v in dict(window=window, softcap=softcap, scale=scale).items()
+            if v is not None}
+      name = store if isinstance(store, str) else "/".join(store)
+      yield (f"{name}/D{d}/{hot}/nq{n_q}/g{group}/{sorted(kw)}", cache, q, q_pos, kw)
 
 
 _ATTEND = jax.jit(lambda c, q, p, w, s, sc, impl: kvjax.attend(

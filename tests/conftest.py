@@ -1,6 +1,8 @@
 """Fixtures shared by the test modules: the standalone C++ programs built once
 per session with CMake (sanitized natively, and cross-compiled for AArch64
-to run under qemu-aarch64)."""
+to run under qemu-aarch64). Their tests live in tests/test_ffi_native.py:
+pytest-xdist (`--dist=loadscope`) runs a module on one worker, so each
+program is built once."""
 
 import os
 import pathlib
@@ -39,7 +41,8 @@ def cmake_build(build_dir: pathlib.Path, *defines: str) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def sanitized_build(tmp_path_factory):
   # -O1: the sanitized programs build in a third of -O3's time and still
-  # inline the SIMD helpers.
+  # inline the SIMD helpers (CMakeLists.txt builds the attention family at
+  # -O0 when sanitized).
   defines = ["-DKVJAX_SANITIZE=ON", "-DCMAKE_CXX_FLAGS_RELEASE=-O1 -DNDEBUG"]
   if SIMDE_HEADER.exists():
     defines.append("-DKVJAX_AVX512_VIA_SIMDE=ON")

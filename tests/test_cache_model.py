@@ -19,12 +19,13 @@ SPECS = {
     "f32-sinks-slide": kvjax.CacheSpec(
         num_kv_heads=2, head_dim=4, capacity=24, tail=4, migrate_batch=3,
         sinks=2, hot_dtype="float32", store="f32"),
-    "q4-bf16-error": kvjax.CacheSpec(
+    # Keys and values in different formats: q4 and q8 on both sides.
+    "q4/q8-bf16-error": kvjax.CacheSpec(
         num_kv_heads=2, head_dim=6, capacity=20, tail=3, migrate_batch=2,
-        hot_dtype="bfloat16", store="q4", overflow="error"),
-    "q8-f16-notail-slide": kvjax.CacheSpec(
+        hot_dtype="bfloat16", store=("q4", "q8"), overflow="error"),
+    "q8/q4-f16-notail-slide": kvjax.CacheSpec(
         num_kv_heads=1, head_dim=8, capacity=17, tail=0, migrate_batch=1,
-        sinks=3, hot_dtype="float16", store="q8"),
+        sinks=3, hot_dtype="float16", store=("q8", "q4")),
     "bf16-sink-error": kvjax.CacheSpec(
         num_kv_heads=3, head_dim=2, capacity=13, tail=5, migrate_batch=4,
         sinks=1, hot_dtype="float32", store="bf16", overflow="error"),
@@ -115,7 +116,7 @@ def test_long_program_wraps_every_ring(name):
 
 def test_quantized_values_within_error_bound():
   """The store's values stay within half a quantization step of the hot ones."""
-  spec = SPECS["q4-bf16-error"]
+  spec = SPECS["q4/q8-bf16-error"]
   model = reference.CacheModel(spec)
   rng = np.random.default_rng(5)
   k = rng.normal(size=(spec.capacity, spec.num_kv_heads, spec.head_dim)).astype(np.float32)

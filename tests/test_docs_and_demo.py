@@ -31,21 +31,40 @@ def test_doc_examples_run(path, capsys):
       raise AssertionError(f"{path.name} block {i} failed: {e!r}\n{block}") from e
 
 
-def test_demo_prints_table_for_every_format(tmp_path, capsys):
-  out = tmp_path / "rows.json"
-  assert demo.main(["--model", "random", "--formats", "f32,q8,q4,turbo3.5", "--batch", "2", "--prompt-len",
-                    "40", "--new-tokens", "6", "--chunk", "16", "--tail", "8",
-                    "--migrate-batch", "4", "--json", str(out)]) == 0
-  text = capsys.readouterr().out
-  assert "KL vs f32" in text and "greedy agree" in text
+def test_demo_prints_table_for_every_format_and_its_prompt_cache_answers_alike(
+    tmp_path, capsys):
+  """Every format's row, keys and values apart (q8/q4) included; then a
+  later run from the saved prompt caches (--load-prompt) gives the same
+  tokens and KL as the fresh prefill, and other prompts are refused."""
   import json
+  flags = lambda formats, prompt_len=40: [
+      "--model", "random", "--formats", formats, "--batch", "2", "--prompt-len",
+      str(prompt_len), "--capacity", "64", "--new-tokens", "6", "--chunk", "16",
+      "--tail", "8", "--migrate-batch", "4"]
+  prompt, out = str(tmp_path / "p.kvjax"), tmp_path / "rows.json"
+  assert demo.main(flags("f32,q8,q4,turbo3.5,q8/q4") +
+                   ["--json", str(out), "--save-prompt", prompt]) == 0
+  text = capsys.readouterr().out
+  assert "KL vs f32" in text and "greedy agree" in text and "prompt cache saved" in text
   rows = {r["format"]: r for r in json.loads(out.read_text())}
-  assert set(rows) == {"f32", "q8", "q4", "turbo3.5"}
+  assert set(rows) == {"f32", "q8", "q4", "turbo3.5", "q8/q4"}
   assert rows["f32"]["kl"] == 0 and rows["f32"]["agree"] == 1
   assert rows["q8"]["kl"] >= 0 and np.isfinite(rows["q4"]["kl"])
   assert rows["q4"]["store_bits"] < rows["q8"]["store_bits"] < 32
   assert rows["q4"]["compression"] > rows["q8"]["compression"] > 1
   assert rows["turbo3.5"]["store_bits"] == 4.0  # head_dim 64: 3.5 + two 16-bit norms
+  assert rows["q8/q4"]["store_bits"] == (rows["q8"]["store_bits"] + rows["q4"]["store_bits"]) / 2
+  # A later run from the files (f32 and q8/q4 of the five saved).
+  assert demo.main(flags("q8/q4") + ["--load-prompt", prompt, "--json", str(out)]) == 0
+  assert "prompt cache loaded from" in capsys.readouterr().out
+  loaded = {r["format"]: r for r in json.loads(out.read_text())}
+  for name in ("f32", "q8/q4"):
+    assert loaded[name]["tokens"] == rows[name]["tokens"]
+    assert loaded[name]["kl"] == rows[name]["kl"]
+    assert loaded[name]["prompt_load_s"] > 0 and rows[name]["prompt_load_s"] is None
+  import kvjax
+  with pytest.raises(kvjax.CacheFileError, match="prompt_tokens_sha256"):
+    demo.main(flags("q8/q4", prompt_len=42) + ["--load-prompt", prompt])
 
 
 def test_demo_says_how_to_install_a_missing_model(monkeypatch, capsys):

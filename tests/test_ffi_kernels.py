@@ -39,9 +39,9 @@ def assert_same_bits(got, want):
     np.testing.assert_array_equal(bits(g), bits(w))
 
 
-def run_python(code_or_module, env_extra, module=False):
+def run_python(code_or_module, env_extra, module=False, args=()):
   env = {**os.environ, **env_extra}
-  args = ["-m", code_or_module] if module else ["-c", code_or_module]
+  args = ["-m" if module else "-c", code_or_module, *args]
   return subprocess.run([sys.executable, *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
 
@@ -57,9 +57,18 @@ def test_extension_loaded_and_reports_its_isa():
   assert "scalar" in INFO["compiled_isas"] and INFO["isa_source"]
 
 
+@pytest.fixture(scope="session")
+def isa_reference(tmp_path_factory):
+  """The jnp reference of tests/ffi_isa_check.py, computed once."""
+  from tests import ffi_isa_check
+  path = tmp_path_factory.mktemp("isa") / "reference.npz"
+  ffi_isa_check.save_reference(path)
+  return path
+
+
 @needs_ffi
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "neon"])
-def test_each_isa_matches_reference_bit_for_bit(isa):
+def test_each_isa_matches_reference_bit_for_bit(isa, isa_reference):
   """Golden files, adversarial groups at 7 sizes and 2^20 random values,
   encode and decode, eagerly and under jit (tests/ffi_isa_check.py)."""
   if isa not in INFO["compiled_isas"]:
@@ -68,7 +77,8 @@ def test_each_isa_matches_reference_bit_for_bit(isa):
   if isa not in INFO["supported_isas"]:
     pytest.skip(f"this CPU cannot run {isa} (its source is checked under "
                 "SIMDe emulation in test_ffi_native.py)")
-  proc = run_python("tests.ffi_isa_check", {"KVJAX_ISA": isa}, module=True)
+  proc = run_python("tests.ffi_isa_check", {"KVJAX_ISA": isa}, module=True,
+                    args=["--reference", str(isa_reference)])
   assert proc.returncode == 0, proc.stdout + proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["isa"] == isa and result["mismatched"] == {}

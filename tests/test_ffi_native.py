@@ -3,7 +3,8 @@ here with CMake: every variant against the committed golden files and against
 the jnp reference on 2^20 random values plus the adversarial groups, built
 with -fsanitize=address,undefined; the AVX-512 source also under SIMDe
 emulation (for CPUs without AVX-512) and NEON cross-compiled for AArch64 and
-run under qemu-aarch64."""
+run under qemu-aarch64; and the decode-attention checker, sanitized and
+under qemu (tests/test_attention_kernel.py tests the kernel in process)."""
 
 import os
 import pathlib
@@ -48,14 +49,15 @@ def random_cases(tmp_path_factory):
 @pytest.fixture(scope="session")
 def turbo_random_cases(tmp_path_factory):
   """(tables file, groups file, expected) per turbo format: 1024 random and
-  outlier-channel vectors at D=128 plus the adversarial groups at D=64
-  (1.4M values over the formats), expected from the jnp reference."""
+  outlier-channel vectors and the adversarial groups at D=128 (1.4M values
+  over the formats; one input, so one jnp compile per format), expected from
+  the jnp reference."""
   directory = tmp_path_factory.mktemp("turbo")
   rng = np.random.default_rng(11)
   inputs = {128: np.concatenate([
       rng.normal(size=(768, 128)) * 2,
-      rng.normal(size=(256, 128)) * np.where(rng.random(128) < 0.1, 25.0, 1.0)]),
-      64: adversarial_groups(64)}
+      rng.normal(size=(256, 128)) * np.where(rng.random(128) < 0.1, 25.0, 1.0),
+      adversarial_groups(128)])}
   cases = []
   for d, x in inputs.items():
     x = x.astype(np.float32)
@@ -210,3 +212,22 @@ def test_turbo_golden_files_pin_the_tables_and_the_reference():
     want = golden.read_turbo_encoded(golden.turbo_encoded_path(name, 128))
     for g, w in zip(golden.turbo_reference(x, _turbo.FORMATS[name]), want):
       np.testing.assert_array_equal(np.asarray(g).view(np.uint8), np.asarray(w).view(np.uint8))
+
+
+# The decode-attention checker (kvjax/ffi/attention_check.cc): every variant
+# against the scalar reference on random caches with NaN and Inf.
+
+def test_standalone_checker_sanitized(sanitized_build):
+  """Every variant against the scalar reference on random caches with NaN and
+  Inf, built with -fsanitize=address,undefined."""
+  proc = subprocess.run([str(sanitized_build / "kvjax_attention_check"), "--cases", "300"],
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "scalar: 300 cases, 0 mismatched" in proc.stdout
+
+
+def test_standalone_checker_neon_under_qemu(aarch64_build):
+  proc = subprocess.run(["qemu-aarch64", str(aarch64_build / "kvjax_attention_check"),
+                         "--cases", "200"], capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "neon: 200 cases, 0 mismatched" in proc.stdout

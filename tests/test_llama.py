@@ -19,7 +19,11 @@ def test_cached_decode_matches_cache_free_model():
   want = llama.forward_without_cache(params, CONFIG, tokens)
   spec = llama.cache_spec(CONFIG, capacity=48, tail=4, migrate_batch=4,
                           sinks=2, hot_dtype="float32", store="f32")
-  caches = llama.init_caches(CONFIG, spec)
+  # Two runs of layers (per-layer specs), both float32, so exact.
+  other = llama.cache_spec(CONFIG, capacity=48, tail=6, migrate_batch=2,
+                           sinks=2, hot_dtype="float32", store="f32")
+  caches = llama.init_caches(CONFIG, [spec, other])
+  assert caches.run_layers == (1, 1)
   forward = jax.jit(lambda c, t, n: llama.forward(params, CONFIG, c, t, n))
   # A padded prefill chunk (n_valid), then one token at a time.
   chunk = jnp.zeros(24, jnp.int32).at[:20].set(tokens[:20])
@@ -31,7 +35,8 @@ def test_cached_decode_matches_cache_free_model():
   got = jnp.concatenate(got)
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
   assert (jnp.argmax(got, -1) == jnp.argmax(want, -1)).all()
-  assert kvjax.stats(caches)["store_tokens"] == [40 - 2 - 6] * CONFIG.n_layers
+  layers = kvjax.stats(caches)["layers"]
+  assert [l["store_tokens"] for l in layers] == [40 - 2 - 6, 40 - 2 - 6]
 
 
 def test_rope_rotates_pairs_and_preserves_norm():

@@ -22,6 +22,11 @@ import kvjax
     (dict(tail=-1), r"CacheSpec.tail: must be >= 0"),
     (dict(sinks=-2), r"CacheSpec.sinks: must be >= 0"),
     (dict(capacity=4096.0), r"CacheSpec.capacity: must be an int"),
+    (dict(store=("q8",)), r"CacheSpec.store: must be one of .* or a \(keys, values\) pair"),
+    (dict(store=("q8", "q5")), r"CacheSpec.store: must be one of"),
+    (dict(store="q8/q4/f32"), r"CacheSpec.store: must be one of"),
+    (dict(head_dim=7, store=("q8", "q4")),
+     r"CacheSpec.head_dim: must be a multiple of 2 for the values' store format 'q4' \(got 7\)"),
 ])
 def test_invalid_spec_names_field_and_rule(changes, match):
   with pytest.raises(ValueError, match=match):
@@ -36,6 +41,15 @@ def test_spec_is_frozen_and_hashable():
   assert kvjax.CacheSpec(tail=0, migrate_batch=1, capacity=1).capacity == 1
 
 
+def test_key_and_value_formats_normalize():
+  pair = kvjax.CacheSpec(store=("q8", "q4"))
+  assert pair == kvjax.CacheSpec(store="q8/q4") == kvjax.CacheSpec(store=["q8", "q4"])
+  assert hash(pair) == hash(kvjax.CacheSpec(store="q8/q4"))
+  assert (pair.key_store, pair.value_store, pair.store_name) == ("q8", "q4", "q8/q4")
+  assert kvjax.CacheSpec(store=("q4", "q4")) == kvjax.CacheSpec(store="q4")
+  assert kvjax.CacheSpec(store=("q4", "q4")).store == "q4"
+
+
 def filled(store, n=3000, **kw):
   spec = kvjax.CacheSpec(num_kv_heads=8, head_dim=128, capacity=4096, tail=256,
                          migrate_batch=64, store=store, **kw)
@@ -43,16 +57,21 @@ def filled(store, n=3000, **kw):
   return kvjax.append(kvjax.init(spec), x, x)
 
 
-@pytest.mark.parametrize("store,bits_max", [("q8", 8.5), ("q4", 4.5),
-                                            ("bf16", 16), ("f32", 32)])
-def test_store_bits_per_value_measured(store, bits_max):
+@pytest.mark.parametrize("store,key_bits,value_bits", [
+    ("q8", 8.5, 8.5), ("q4", 4.5, 4.5), ("bf16", 16, 16), ("f32", 32, 32),
+    (("q8", "q4"), 8.5, 4.5)])
+def test_store_bits_per_value_measured(store, key_bits, value_bits):
   cache = filled(store)
   stats = kvjax.stats(cache)
   values = 2 * 8 * 128 * stats["store_tokens"]
   assert stats["store_tokens"] > 2000
   measured = 8 * stats["store_bytes"] / values
-  assert measured == stats["store_bits_per_value"] <= bits_max
-  # Counted directly from the encoded leaves of the store.
+  assert measured == stats["store_bits_per_value"] == (key_bits + value_bits) / 2
+  # Counted directly from the encoded leaves of the store, keys and values.
+  for leaf, bits, name in ((cache.store_k, key_bits, "key_bits_per_value"),
+                           (cache.store_v, value_bits, "value_bits_per_value")):
+    per_slot = sum(a.nbytes for a in jax.tree.leaves(leaf)) / cache.spec.store_slots
+    assert stats[name] == 8 * per_slot / (8 * 128) == bits
   leaves = jax.tree.leaves((cache.store_k, cache.store_v))
   per_slot = sum(a.nbytes for a in leaves) / cache.spec.store_slots
   assert stats["store_bytes"] == per_slot * stats["store_tokens"]

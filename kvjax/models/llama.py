@@ -1,9 +1,10 @@
 """A Llama-style decoder in plain JAX whose attention runs through kvjax.
 
 RMSNorm, rotary position embeddings (interleaved pairs, llama.cpp's layout),
-grouped-query attention and a SwiGLU MLP. `forward` works on one sequence,
-its layers in a `fori_loop` over a stack of per-layer caches; `jax.vmap` it
-over a batch of sequences. `forward_without_cache` recomputes full
+grouped-query attention and a SwiGLU MLP. `forward` works on one sequence
+and a `kvjax.ModelCache` (one cache per layer, formats per layer), each run
+of layers sharing a spec in a `fori_loop` over that run's stack; `jax.vmap`
+it over a batch of sequences. `forward_without_cache` recomputes full
 causal attention over a whole prefix, the reference the cache must match.
 """
 
@@ -108,61 +109,97 @@ def cache_spec(config: LlamaConfig, **kw) -> kvjax.CacheSpec:
                          head_dim=config.head_dim, **kw)
 
 
-def init_caches(config: LlamaConfig, spec: kvjax.CacheSpec, batch=None):
-  """Every layer's cache in one stack (leading axis `n_layers`; `[batch,
-  n_layers, ...]` with `batch`), updated in place layer by layer."""
-  stack = lambda _: kvjax.init(spec, batch=config.n_layers)
-  return stack(None) if batch is None else jax.vmap(stack)(jnp.arange(batch))
+def init_caches(config: LlamaConfig, spec, batch=None) -> kvjax.ModelCache:
+  """Every layer's cache (`kvjax.init_layers`): `spec` is one `CacheSpec` for
+  all layers or a sequence of one per layer (a per-layer policy); with
+  `batch`, B sequences (leading axis B on every leaf)."""
+  specs = [spec] * config.n_layers if isinstance(spec, kvjax.CacheSpec) else list(spec)
+  if len(specs) != config.n_layers:
+    raise ValueError(f"spec: expected one CacheSpec or {config.n_layers} (one per layer), "
+                     f"got {len(specs)}")
+  return kvjax.init_layers(specs, batch=batch)
 
 
 def forward(params, config: LlamaConfig, caches, tokens, n_valid=None):
   """Runs `tokens: [n]` of one sequence through the model and its caches.
 
-  The layers run in a `fori_loop` (one compiled layer instead of
-  `n_layers`), each appending to and attending over its own layer of the
-  cache stack in place.
+  Each run of layers sharing a spec runs in a `fori_loop` (one compiled
+  layer per run instead of `n_layers`), each layer appending to and
+  attending over its own layer of the run's stack in place.
 
   Args:
     params: the model's weights (per-layer arrays stacked on axis 0).
     config: its `LlamaConfig`.
-    caches: the stack from `init_caches` for this sequence.
+    caches: the `ModelCache` from `init_caches` for this sequence.
     tokens: int32 `[n]`; with `n_valid`, only the first `n_valid` are real.
     n_valid: optional int32 scalar (ragged prefill under `vmap`).
 
   Returns:
     `(logits [n, vocab] float32, new caches)`.
   """
-  start = kvjax.length(caches)[0]
+  start = kvjax.length(caches)
   pos = start + jnp.arange(tokens.shape[0], dtype=jnp.int32)
-
-  def layer(i, carry):
-    x, caches = carry
-    p = _layer_params(params, i)
-    q, k, v = _attention_inputs(config, p, x, pos)
-    caches = kvjax.append(caches, k, v, n_valid, layer=i)
-    attended = kvjax.attend(caches, q, q_pos=pos, layer=i)
-    return _block_output(config, p, x, attended), caches
-
   x = params["embed"][tokens].astype(jnp.float32)
-  x, caches = jax.lax.fori_loop(0, config.n_layers, layer, (x, caches))
+  for run, (first, n, _) in enumerate(kvjax.layer_runs(caches)):
+    def layer(i, carry, first=first):
+      x, stack = carry
+      p = _layer_params(params, first + i)
+      q, k, v = _attention_inputs(config, p, x, pos)
+      stack = kvjax.append(stack, k, v, n_valid, layer=i)
+      attended = kvjax.attend(stack, q, q_pos=pos, layer=i)
+      return _block_output(config, p, x, attended), stack
+
+    x, stack = jax.lax.fori_loop(0, n, layer, (x, caches.runs[run]))
+    caches = caches.replace_run(run, stack)
   return _logits(config, params, x), caches
 
 
-def forward_without_cache(params, config: LlamaConfig, tokens):
-  """Logits for every prefix of `tokens: [n]`, with full causal attention."""
+def forward_without_cache(params, config: LlamaConfig, tokens, kv_override=None):
+  """Logits for every prefix of `tokens: [n]`, with full causal attention.
+
+  `kv_override`: optional `(k, v, use_k, use_v)`, `k, v: [L, n, H, D]` and
+  bool `[L]`: layer `l` attends over `k[l]` instead of its own keys where
+  `use_k[l]` (values likewise), e.g. one layer's keys through a store format
+  (`kvjax.calibrate` measures each layer's effect on next-token KL so)."""
   n = tokens.shape[0]
   pos = jnp.arange(n, dtype=jnp.int32)
   causal = pos[None, :] <= pos[:, None]
+  if kv_override is None:
+    shape = (config.n_layers, 1, 1, 1)
+    off = jnp.zeros(config.n_layers, bool)
+    kv_override = (jnp.zeros(shape), jnp.zeros(shape), off, off)
 
-  def layer(i, x):
-    p = _layer_params(params, i)
+  def layer(x, xs):
+    p, k_alt, v_alt, use_k, use_v = xs
     q, k, v = _attention_inputs(config, p, x, pos)
+    k, v = jnp.where(use_k, k_alt, k), jnp.where(use_v, v_alt, v)
     group = q.shape[1] // k.shape[1]
     k, v = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)
     s = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[-1])
     probs = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
-    return _block_output(config, p, x, jnp.einsum("hqk,khd->qhd", probs, v))
+    return _block_output(config, p, x, jnp.einsum("hqk,khd->qhd", probs, v)), None
 
   x = params["embed"][tokens].astype(jnp.float32)
-  x = jax.lax.fori_loop(0, config.n_layers, layer, x)
+  x, _ = jax.lax.scan(layer, x, (params["layers"], *kv_override))
   return _logits(config, params, x)
+
+
+def attention_inputs_per_layer(params, config: LlamaConfig, tokens):
+  """Each layer's queries, keys and values over `tokens: [n]` with full
+  causal attention in float32 (no cache): `q [L, n, Hq, D]`, `k, v [L, n, H,
+  D]`, RoPE applied (what a cache would store). For calibrating formats."""
+  n = tokens.shape[0]
+  pos = jnp.arange(n, dtype=jnp.int32)
+  causal = pos[None, :] <= pos[:, None]
+
+  def layer(x, p):
+    q, k, v = _attention_inputs(config, p, x, pos)
+    group = q.shape[1] // k.shape[1]
+    kr, vr = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)
+    s = jnp.einsum("qhd,khd->hqk", q, kr) / math.sqrt(q.shape[-1])
+    probs = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
+    return _block_output(config, p, x, jnp.einsum("hqk,khd->qhd", probs, vr)), (q, k, v)
+
+  x = params["embed"][tokens].astype(jnp.float32)
+  _, (q, k, v) = jax.lax.scan(layer, x, params["layers"])
+  return q, k, v
