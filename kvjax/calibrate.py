@@ -236,6 +236,7 @@ def main(argv=None) -> int:
     with open(args.text, encoding="utf-8", errors="replace") as f:
       tokens = np.asarray(tokenizer.encode(f.read()), np.int32)[:args.tokens]
     model_name = "SmolLM2-135M-Instruct"
+  params = jax.device_put(params)
   print(f"kvjax calibrate: {model_name}, {len(tokens)} tokens of {args.text}", flush=True)
   q, k, v = jax.jit(lambda t: llama.attention_inputs_per_layer(params, config, t))(tokens)
   bits = {f: bits_per_value(f, config.head_dim) for f in candidates}
