@@ -39,7 +39,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import kvjax
 from kvjax import _formats
 from kvjax.models import llama
 
