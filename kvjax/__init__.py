@@ -17,6 +17,7 @@ from kvjax._layers import length
 from kvjax._ops import dequantize
 from kvjax._ops import quantize
 from kvjax._spec import CacheSpec
+from kvjax._spec import PagedSpec
 from kvjax._state import KVCache
 from kvjax._state import init
 from kvjax._transforms import acknowledge_overflow
@@ -29,6 +30,8 @@ from kvjax._turbo import TurboCodes
 from kvjax._views import materialize
 from kvjax._views import stats
 
+from kvjax import paged  # noqa: E402  (the module, kvjax.paged)
+
 __version__ = "0.1.0"
 
 __all__ = (
@@ -37,6 +40,7 @@ __all__ = (
     "CacheSpec",
     "KVCache",
     "ModelCache",
+    "PagedSpec",
     "Q4Codes",
     "Q8Codes",
     "RawValues",

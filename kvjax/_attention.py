@@ -103,7 +103,7 @@ def _weighted_values(fmt, p, visible, values):
   return fmt.weighted_sum(p, fmt.without_tokens(values, ok)), nan
 
 
-def _update(state: _Softmax, query: _Query, formats, prepared_q, keys, values,
+def fold_block(state: _Softmax, query: _Query, formats, prepared_q, keys, values,
             key_pos, key_ok, *, store: bool):
   """Folds one block (`keys`, `values` encoded as `formats`, a (keys,
   values) pair, leaves `[H, B, ...]`; `key_pos`, `key_ok`: `[B]`;
@@ -228,32 +228,44 @@ def _attend(cache, q, q_pos, scale, window, softcap, layer, *, block_size,
             implementation):
   stack, cache = cache, _state.layer_view(cache, layer)
   spec = cache.spec
-  n_q, hq, d = q.shape
-  h = spec.num_kv_heads
-  group = hq // h
-  if q_pos is None:
-    q_pos = cache.length - n_q + jnp.arange(n_q, dtype=jnp.int32)
-  if scale is None:
-    scale = 1.0 / math.sqrt(d)
-  # [n_q, H, G, D] -> [H, G * n_q, D]: row m is query m % n_q of group m // n_q.
-  qh = jnp.transpose(q.astype(jnp.float32).reshape(n_q, h, group, d),
-                     (1, 2, 0, 3)).reshape(h, group * n_q, d)
-  query = _Query(
-      q=qh * jnp.asarray(scale, jnp.float32),
-      pos=jnp.tile(jnp.asarray(q_pos, jnp.int32), group),
-      window=window, softcap=softcap)
+  query = query_rows(spec, cache.length, q, q_pos, scale, window, softcap)
   order = _state.small_leaf(stack.store_order, layer) if _state.store_split(spec) else None
   args = (stack, cache, layer, query, order, block_size)
-  mode = _resolve_implementation(implementation, n_q)
+  mode = _resolve_implementation(implementation, q.shape[0])
   if mode == "xla":
-    out = _attend_xla(*args)
+    out = attend_xla(*args)
   elif mode == "ffi":
     out = _attend_kernel(*args)
   else:  # the kernel in computations lowered for CPU, the jnp path elsewhere
     out = jax.lax.platform_dependent(cpu=lambda: _attend_kernel(*args),
-                                     default=lambda: _attend_xla(*args))
+                                     default=lambda: attend_xla(*args))
   out = jnp.where(~_state.layer_in_range(stack, layer), jnp.nan, out)
-  out = jnp.transpose(out.reshape(h, group, n_q, d), (2, 0, 1, 3))
+  return output_rows(out, q)
+
+
+def query_rows(spec, length, q, q_pos, scale, window, softcap) -> _Query:
+  """The softmax rows of `q: [n_q, Hq, D]` (`q_pos` default: the last `n_q`
+  of `length` positions): `[H, G * n_q, D]`, row `m` is query `m % n_q` of
+  group member `m // n_q`."""
+  n_q, hq, d = q.shape
+  h = spec.num_kv_heads
+  group = hq // h
+  if q_pos is None:
+    q_pos = length - n_q + jnp.arange(n_q, dtype=jnp.int32)
+  if scale is None:
+    scale = 1.0 / math.sqrt(d)
+  qh = jnp.transpose(q.astype(jnp.float32).reshape(n_q, h, group, d),
+                     (1, 2, 0, 3)).reshape(h, group * n_q, d)
+  return _Query(q=qh * jnp.asarray(scale, jnp.float32),
+                pos=jnp.tile(jnp.asarray(q_pos, jnp.int32), group),
+                window=window, softcap=softcap)
+
+
+def output_rows(out, q):
+  """`[H, G * n_q, D]` rows back to `q`'s `[n_q, Hq, D]` and dtype."""
+  n_q, hq, d = q.shape
+  h = out.shape[0]
+  out = jnp.transpose(out.reshape(h, hq // h, n_q, d), (2, 0, 1, 3))
   return out.reshape(n_q, hq, d).astype(q.dtype)
 
 
@@ -312,8 +324,11 @@ def _finish(value_format, acc, order):
   return value_format.finish(acc, order[1] if value_format.split else None)
 
 
-def _attend_xla(stack, cache, layer, query, order, block_size):
-  """The jnp path: `[H, M, D]` attention output of the scaled query rows."""
+def attend_xla(stack, cache, layer, query, order, block_size, fold_store=None):
+  """The jnp path: `[H, M, D]` attention output of the scaled query rows.
+
+  `fold_store(state, store_q) -> state` reads the store tier (default: the
+  ring of `stack`, `block_size` tokens a step); the paged pool reads pages."""
   spec = cache.spec
   h, rows, d = query.q.shape
   hot, (key, value) = _state.hot_format(spec), _state.store_formats(spec)
@@ -327,15 +342,18 @@ def _attend_xla(stack, cache, layer, query, order, block_size):
     slot = jnp.arange(spec.sinks, dtype=jnp.int32)
     sink_k, sink_v = (jax.tree.map(lambda a: _state.small_leaf(a, layer), x)
                       for x in (stack.sink_k, stack.sink_v))
-    state = _update(state, query, (hot, hot), query.q, sink_k, sink_v, slot,
+    state = fold_block(state, query, (hot, hot), query.q, sink_k, sink_v, slot,
                     slot < _state.sink_count(cache), store=False)
   store_q = _prepare_query(key, query.q, order)
-  state = _attend_store(stack, cache, layer, query, store_q, state, block_size)
+  if fold_store is None:
+    state = _attend_store(stack, cache, layer, query, store_q, state, block_size)
+  else:
+    state = fold_store(state, store_q)
   slot = jnp.arange(spec.tail_slots, dtype=jnp.int32)
   j = _state.ring_index(slot, end, spec.tail_slots)
   tail_k, tail_v = (jax.tree.map(lambda a: _state.small_leaf(a, layer), x)
                     for x in (stack.tail_k, stack.tail_v))
-  state = _update(state, query, (hot, hot), query.q, tail_k, tail_v,
+  state = fold_block(state, query, (hot, hot), query.q, tail_k, tail_v,
                   spec.sinks + j, j >= end - cache.tail_count, store=False)
 
   acc = state.acc + _finish(value, state.store_acc, order)
@@ -377,7 +395,7 @@ def _attend_store(stack: KVCache, cache: KVCache, layer, query: _Query,
     take = lambda a: _state.token_block(a, start, size, layer)
     keys = jax.tree.map(take, stack.store_k)
     values = jax.tree.map(take, stack.store_v)
-    return i + 1, _update(st, query, formats, store_q, keys, values,
+    return i + 1, fold_block(st, query, formats, store_q, keys, values,
                           spec.sinks + j, ok, store=True)
 
   _, state = jax.lax.while_loop(lambda c: c[0] < steps, body,

@@ -152,3 +152,80 @@ class CacheSpec:
   def tail_slots(self) -> int:
     """Ring size of the tail: it never holds `tail + migrate_batch` tokens."""
     return self.tail + self.migrate_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedSpec:
+  """Static configuration of a paged pool (`kvjax.paged`). Frozen and hashable.
+
+  Attributes:
+    num_kv_heads, head_dim: per-token shape `[H, D]`.
+    page_size: tokens per page.
+    num_pages: pages in the pool (one layer).
+    max_seqs: sequence slots `0 .. max_seqs - 1`.
+    max_pages_per_seq: page-table width; a sequence retains at most
+      `max_pages_per_seq * page_size` non-sink tokens (no sliding: `free`
+      is how memory comes back).
+    tail, sinks, hot_dtype, store: as in `CacheSpec`; the tail migrates a
+      page at a time (`migrate_batch = page_size`).
+  """
+
+  num_kv_heads: int
+  head_dim: int
+  page_size: int = 64
+  num_pages: int = 1024
+  max_seqs: int = 32
+  max_pages_per_seq: int = 128
+  tail: int = 64
+  sinks: int = 0
+  hot_dtype: str = "bfloat16"
+  store: str | tuple[str, str] = "q4"
+
+  def __post_init__(self):
+    def require(ok, field, rule, value):
+      if not ok:
+        raise ValueError(f"PagedSpec.{field}: {rule} (got {value!r})")
+    for name in ("page_size", "num_pages", "max_seqs", "max_pages_per_seq"):
+      value = getattr(self, name)
+      require(_is_int(value), name, "must be an int", value)
+      require(1 <= int(value) <= MAX_CAPACITY, name, "must be >= 1 and < 2**31",
+              value)
+      object.__setattr__(self, name, int(value))
+    require(self.max_pages_per_seq * self.page_size <= MAX_CAPACITY - max(0, int(
+        self.sinks) if _is_int(self.sinks) else 0), "max_pages_per_seq",
+            "times page_size must fit int32 positions", self.max_pages_per_seq)
+    if _is_int(self.tail) and self.tail >= 0:
+      need = -(-(int(self.tail) + self.page_size) // self.page_size)
+      require(self.max_pages_per_seq >= need, "max_pages_per_seq",
+              f"must hold tail + page_size tokens: >= {need} pages", self.max_pages_per_seq)
+    try:
+      equivalent = self.cache_spec()
+    except ValueError as e:  # the shared fields' messages, under this class's name
+      raise ValueError(str(e).replace("CacheSpec.", "PagedSpec.", 1)) from None
+    for name in ("num_kv_heads", "head_dim", "tail", "sinks", "hot_dtype", "store"):
+      object.__setattr__(self, name, getattr(equivalent, name))
+
+  def cache_spec(self) -> CacheSpec:
+    """The `CacheSpec` of a `KVCache` equivalent to one sequence of the pool
+    (docs/serving.md): same bits in `materialize`, same `attend`."""
+    return CacheSpec(num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                     capacity=self.sinks + self.max_pages_per_seq * self.page_size,
+                     tail=self.tail, migrate_batch=self.page_size, sinks=self.sinks,
+                     hot_dtype=self.hot_dtype, store=self.store, overflow="error")
+
+  @property
+  def key_store(self) -> str:
+    return self.cache_spec().key_store
+
+  @property
+  def value_store(self) -> str:
+    return self.cache_spec().value_store
+
+  @property
+  def store_name(self) -> str:
+    return self.cache_spec().store_name
+
+  @property
+  def max_tokens(self) -> int:
+    """Non-sink tokens one sequence can hold."""
+    return self.max_pages_per_seq * self.page_size

@@ -83,6 +83,17 @@ def append(cache: KVCache, k, v, n_valid=None, *, layer=None) -> KVCache:
 
 @jax.jit
 def _append(cache: KVCache, k, v, n_valid, layer) -> KVCache:
+  out, store_rows, store_index = append_rows(cache, k, v, n_valid, layer)
+  return dataclasses.replace(out, **{
+      name: _state.scatter_rows(getattr(cache, name), rows, store_index, layer)
+      for name, rows in zip(("store_k", "store_v"), store_rows)})
+
+
+def append_rows(cache: KVCache, k, v, n_valid, layer):
+  """`append` but for the store: the cache with its sinks, tail and counters
+  updated, the encoded store rows (keys, values; leaves `[H, n, ...]`) and
+  their ring slots `[n]` (`store_slots` where a row is not kept). The paged
+  pool writes the same rows into pages, so both hold the same bits."""
   stack, cache = cache, _state.layer_view(cache, layer)
   spec = cache.spec
   n = k.shape[0]
@@ -153,8 +164,7 @@ def _append(cache: KVCache, k, v, n_valid, layer) -> KVCache:
   for i, name in enumerate(("k", "v")):
     hot_i = jax.tree.map(lambda a: a[i], hot_rows)
     for tier, rows, index in (("sink_", hot_i, sink_index),
-                              ("tail_", hot_i, tail_index),
-                              ("store_", store_rows[i], store_index)):
+                              ("tail_", hot_i, tail_index)):
       new[tier + name] = _state.scatter_rows(getattr(stack, tier + name), rows,
                                              index, layer)
 
@@ -171,7 +181,7 @@ def _append(cache: KVCache, k, v, n_valid, layer) -> KVCache:
       rejected=cache.rejected + refused)
   if layer is not None:
     out = dataclasses.replace(out, bad_layer_tokens=out.bad_layer_tokens + misrouted)
-  return out
+  return out, store_rows, store_index
 
 
 def migrate(cache: KVCache, *, layer=None) -> KVCache:
