@@ -122,7 +122,7 @@ def check_slots(name: str, seq, spec: PagedSpec, *, scalar=False):
   """`seq` as int32 (`[B]`, or a scalar if `scalar`); concrete ids must be
   distinct slots. Traced ones are checked in `valid_slots`."""
   if isinstance(seq, (list, tuple)):
-    seq = np.asarray(seq, np.int32)
+    seq = np.asarray(seq)
   shape = jnp.shape(seq)
   want = "an int32 scalar" if scalar else "an int32 array [B] of distinct slot ids"
   if (isinstance(seq, (bool, np.bool_)) or len(shape) != (0 if scalar else 1)
@@ -211,7 +211,7 @@ def append(pool: PagedCache, seq, k, v, n_valid=None) -> PagedCache:
     raise ValueError(f"v: expected the same shape as k {k.shape}, got {v.shape}")
   if n_valid is not None:
     if isinstance(n_valid, (list, tuple)):
-      n_valid = np.asarray(n_valid, np.int32)
+      n_valid = np.asarray(n_valid)
     if jnp.shape(n_valid) != (b,) or not jnp.issubdtype(jnp.result_type(n_valid),
                                                         jnp.integer):
       raise ValueError(f"n_valid: expected int32 [{b}], got {_checks.describe(n_valid)}")

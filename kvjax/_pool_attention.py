@@ -54,7 +54,7 @@ def attend(pool: PagedCache, seq, q, *, q_pos=None, scale=None, window=None,
     raise ValueError(f"q: expected a float dtype, got {q.dtype}")
   if q_pos is not None:
     if isinstance(q_pos, (list, tuple)):
-      q_pos = np.asarray(q_pos, np.int32)
+      q_pos = np.asarray(q_pos)
     if jnp.shape(q_pos) != shape[:2] or not jnp.issubdtype(jnp.result_type(q_pos),
                                                            jnp.integer):
       raise ValueError(f"q_pos: expected int32 [{b}, {shape[1]}], got "
