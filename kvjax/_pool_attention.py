@@ -18,11 +18,13 @@ from kvjax import _attention
 from kvjax import _checks
 from kvjax import _pool
 from kvjax import _state
+from kvjax import ffi
 from kvjax._pool import PagedCache
 
 
 def attend(pool: PagedCache, seq, q, *, q_pos=None, scale=None, window=None,
-           softcap=None, block_size: int = _attention.DEFAULT_BLOCK_SIZE):
+           softcap=None, block_size: int = _attention.DEFAULT_BLOCK_SIZE,
+           implementation=None):
   """Softmax attention of each sequence's queries over its retained tokens.
 
   Args:
@@ -33,7 +35,10 @@ def attend(pool: PagedCache, seq, q, *, q_pos=None, scale=None, window=None,
     q_pos: optional int `[B, n_q]` absolute positions; default each
       sequence's last `n_q` positions.
     scale, window, softcap: as `kvjax.attend`.
-    block_size: store tokens read per step (whole pages).
+    block_size: store tokens read per step by the jnp path (whole pages).
+    implementation: None (the C++ kernel through the page tables on CPU
+      when it is loaded, else the jnp path), "ffi" or "xla", as
+      `kvjax.attend`.
 
   Returns:
     `[B, n_q, Hq, D]` in `q.dtype`: what `kvjax.attend` gives on each
@@ -60,32 +65,69 @@ def attend(pool: PagedCache, seq, q, *, q_pos=None, scale=None, window=None,
       raise ValueError(f"q_pos: expected int32 [{b}, {shape[1]}], got "
                        f"{_checks.describe(q_pos)}")
   scale, window, softcap = _attention._options(scale, window, softcap, block_size)
-  return _attend(pool, seq, q, q_pos, scale, window, softcap, block_size=block_size)
+  if implementation not in _attention.IMPLEMENTATIONS:
+    raise ValueError(f"implementation: expected one of {_attention.IMPLEMENTATIONS}, "
+                     f"got {implementation!r}")
+  return _attend(pool, seq, q, q_pos, scale, window, softcap, block_size=block_size,
+                 implementation=implementation)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size",))
-def _attend(pool, seq, q, q_pos, scale, window, softcap, *, block_size):
+@functools.partial(jax.jit, static_argnames=("block_size", "implementation"))
+def _attend(pool, seq, q, q_pos, scale, window, softcap, *, block_size, implementation):
   spec = pool.spec
   ok = _pool.valid_slots(seq, spec)
   slots = jnp.where(ok, seq, 0)
-  if q_pos is None:
-    q_pos = jnp.full(q.shape[:2], -1, jnp.int32)  # marks "the default"
-    default_pos = True
+  views = jax.vmap(lambda s: _pool.slot_view(pool, s))(slots)
+  queries = jax.vmap(lambda view, q_b, q_pos_b: _attention.query_rows(
+      view.spec, view.length, q_b, q_pos_b, scale, window, softcap),
+      in_axes=(0, 0, None if q_pos is None else 0))(views, q, q_pos)
+  args = (pool, slots, views, queries, (window, softcap), block_size)
+  mode = _attention._resolve_implementation(implementation, q.shape[1])
+  if mode == "xla":
+    out = _attend_xla(*args)
+  elif mode == "ffi":
+    out = _attend_kernel(*args)
   else:
-    default_pos = False
-  group = max(1, min(block_size // spec.page_size, spec.max_pages_per_seq))
+    out = jax.lax.platform_dependent(cpu=lambda: _attend_kernel(*args),
+                                     default=lambda: _attend_xla(*args))
+  out = jnp.where(ok[:, None, None, None], out, jnp.nan)
+  return jax.vmap(_attention.output_rows)(out, q)
 
-  def one(slot, q_b, q_pos_b, ok_b):
-    view = _pool.slot_view(pool, slot)
-    query = _attention.query_rows(view.spec, view.length, q_b,
-                                  None if default_pos else q_pos_b, scale, window, softcap)
-    order = view.store_order if _state.store_split(view.spec) else None
+
+def _order(view):
+  return view.store_order if _state.store_split(view.spec) else None
+
+
+def _attend_xla(pool, slots, views, queries, options, block_size):
+  """The jnp path: `[B, H, M, D]`, each sequence's pages read a block at a time."""
+  del options  # in each query
+  group = max(1, min(block_size // pool.spec.page_size, pool.spec.max_pages_per_seq))
+
+  def one(slot, view, query):
     fold = functools.partial(_fold_pages, pool, slot, view, query, group)
-    out = _attention.attend_xla(view, view, None, query, order, block_size,
-                                fold_store=fold)
-    return _attention.output_rows(jnp.where(ok_b, out, jnp.nan), q_b)
+    return _attention.attend_xla(view, view, None, query, _order(view), block_size,
+                                 fold_store=fold)
 
-  return jax.vmap(one)(slots, q, q_pos, ok)
+  return jax.vmap(one)(slots, views, queries)
+
+
+def _attend_kernel(pool, slots, views, queries, options, block_size):
+  """The C++ kernel through the page tables: `[B, H, M, D]`."""
+  del block_size
+  window, softcap = options
+  spec = views.spec
+  d = spec.head_dim
+  hot, (key, value) = _state.hot_format(spec), _state.store_formats(spec)
+  q_store = jax.vmap(lambda view, query: key.flat_query(
+      _attention._prepare_query(key, query.q, _order(view))))(views, queries)
+  hot_leaves = tuple(x.data for x in (views.sink_k, views.sink_v, views.tail_k, views.tail_v))
+  out_hot, out_store = ffi.attend(
+      queries.q, q_store, queries.pos, (views.length, views.evicted, views.tail_count), None,
+      window, softcap, hot_leaves, key.kernel_leaves(pool.pages_k),
+      value.kernel_leaves(pool.pages_v), hot.kernel_layout(d), key.kernel_layout(d),
+      value.kernel_layout(d), value.accumulator_dim(d), page_table=pool.page_table[slots])
+  finish = jax.vmap(lambda view, acc: _attention._finish(value, acc, _order(view)))
+  return out_hot + finish(views, out_store)
 
 
 def _fold_pages(pool, slot, view, query, group: int, state, store_q):

@@ -31,10 +31,11 @@ def tokens(seed, shape):
   return (rng.standard_normal(shape) * rng.uniform(0.1, 3.0)).astype(np.float32)
 
 
-def assert_attend_matches(pool, caches, seq, q):
-  out = np.asarray(paged.attend(pool, np.asarray(seq, np.int32), q))
+def assert_attend_matches(pool, caches, seq, q, implementation=None):
+  out = np.asarray(paged.attend(pool, np.asarray(seq, np.int32), q,
+                                implementation=implementation))
   for b, s in enumerate(seq):
-    want = np.asarray(kvjax.attend(caches[s], q[b]))
+    want = np.asarray(kvjax.attend(caches[s], q[b], implementation=implementation))
     scale = max(float(np.max(np.abs(want))), 1e-30)
     np.testing.assert_allclose(out[b], want, rtol=1e-5, atol=1e-5 * scale,
                                err_msg=f"slot {s}")
@@ -165,7 +166,9 @@ def test_every_format_equals_its_kvcache(store):
   for s in range(spec.max_seqs):
     assert_materialize_matches(pool, caches[s], s)
   q = tokens(5, (spec.max_seqs, 2, 2 * spec.num_kv_heads, spec.head_dim))
-  assert_attend_matches(pool, caches, list(range(spec.max_seqs)), q)
+  # The default (on CPU the kernel through the page tables) and the jnp path.
+  for implementation in (None, "xla"):
+    assert_attend_matches(pool, caches, list(range(spec.max_seqs)), q, implementation)
 
 
 def _compiled(fn, pool, *args):

@@ -177,7 +177,7 @@ class StoreLayout(NamedTuple):
 
 def attend(q_hot, q_store, row_pos, counters, layer, window, softcap,
            hot_leaves, store_k, store_v, hot: StoreLayout, key: StoreLayout,
-           value: StoreLayout, value_lanes: int):
+           value: StoreLayout, value_lanes: int, page_table=None):
   """One decode-attention kernel call (the `kvjax_attend` target).
 
   Args:
@@ -194,6 +194,10 @@ def attend(q_hot, q_store, row_pos, counters, layer, window, softcap,
       `[L, H, slots, ...]`, unused ones None.
     hot, key, value: how the kernel reads the hot tiers, the store's keys and
       its values; value_lanes: A_v, the value format's accumulator width.
+    page_table: for a paged pool, int32 `[B, max_pages]`: then `store_k`,
+      `store_v` are the pages `[N, H, page_size, ...]` shared by the batch,
+      every other operand has a leading batch axis `B` (no layer axis), and
+      the outputs too.
 
   Returns:
     (out_hot `[H, R, D]`, out_store `[H, R, A_v]`): the softmax-weighted sums
@@ -202,11 +206,15 @@ def attend(q_hot, q_store, row_pos, counters, layer, window, softcap,
     docs/api.md says.
   """
   _require_loaded()
-  h, r, d = q_hot.shape
+  *batch, h, r, d = q_hot.shape
+  if page_table is not None and (len(batch) != 1 or layer is not None):
+    raise ValueError("a paged attend takes one batch axis and no layer")
+  batch = tuple(batch)
   dummy = jnp.zeros((1,), jnp.float32)
   fill = lambda leaves: tuple(dummy if x is None else x for x in leaves)
-  out_types = (jax.ShapeDtypeStruct((h, r, d), jnp.float32),
-               jax.ShapeDtypeStruct((h, r, value_lanes), jnp.float32))
+  out_types = (jax.ShapeDtypeStruct(batch + (h, r, d), jnp.float32),
+               jax.ShapeDtypeStruct(batch + (h, r, value_lanes), jnp.float32))
+  scalar = lambda x: jnp.reshape(x, (1,) * len(batch))  # broadcast over the batch
   call = jax.ffi.ffi_call("kvjax_attend", out_types, vmap_method="expand_dims")
   # One table buffer: the value segments' offsets move past the key tables.
   value_segments = np.array(value.segments, np.int32).reshape(-1, 7)
@@ -219,13 +227,16 @@ def attend(q_hot, q_store, row_pos, counters, layer, window, softcap,
       f"{prefix}_segments": np.asarray(segments, np.int32).reshape(-1),
       f"{prefix}_kappa_scales": np.asarray(layout.kappa_scales, np.float32).reshape(-1)}
   return call(
-      q_hot, q_store, row_pos, *counters, jnp.asarray(0 if layer is None else layer, jnp.int32),
-      jnp.asarray(0 if window is None else window, jnp.int32),
-      jnp.asarray(0.0 if softcap is None else softcap, jnp.float32),
+      q_hot, q_store, row_pos, *counters,
+      scalar(jnp.asarray(0 if layer is None else layer, jnp.int32)),
+      scalar(jnp.asarray(0 if window is None else window, jnp.int32)),
+      scalar(jnp.asarray(0.0 if softcap is None else softcap, jnp.float32)),
       *hot_leaves, *fill(store_k), *fill(store_v),
       jnp.asarray(tables if len(tables) else np.zeros(1, np.float32)),
+      jnp.zeros((1,), jnp.int32) if page_table is None else page_table,
       hot_kind=np.int32(hot.kind),
       **side("key", key, key.segments), **side("value", value, value_segments),
       has_window=np.int32(window is not None),
       has_softcap=np.int32(softcap is not None),
-      has_layers=np.int32(layer is not None))
+      has_layers=np.int32(layer is not None),
+      page_size=np.int32(0 if page_table is None else jax.tree.leaves(store_k)[0].shape[2]))

@@ -42,6 +42,31 @@ void RingSpans(int64_t begin, int64_t end, int64_t slots, int64_t sinks,
   }
 }
 
+// A paged store item: its non-sink indices [first_slot, first_slot + count)
+// folded in page by page (AttendRun updates the partial in place).
+void RunPaged(const AttendProblem& p, const SequenceView& seq, const Item& item,
+              const TierFormat& key, const TierFormat& value, AttendRunFn run, RunArgs* a,
+              const Partial& out) {
+  const int64_t size = p.page_size, stop = item.first_slot + item.count;
+  for (int64_t j = item.first_slot; j < stop;) {
+    const int64_t column = j / size, slot = j % size;
+    const int64_t n = std::min(size - slot, stop - j);
+    const int64_t page = column < p.max_pages ? seq.page_table[column] : -1;
+    if (page < 0 || page >= p.num_pages) {  // kvjax never passes one: NaN, never read
+      std::fill(out.nan, out.nan + a->rows, 1);
+      std::fill(out.seen, out.seen + a->rows, 1);
+      return;
+    }
+    a->k = seq.store_k.Page(page, p.heads, key).Head(item.head, key);
+    a->v = seq.store_v.Page(page, p.heads, value).Head(item.head, value);
+    a->first_slot = slot;
+    a->count = n;
+    a->first_pos = p.sinks + j;
+    run(*a, out);
+    j += n;
+  }
+}
+
 bool AnyRowSees(const Span& s, const int64_t* lo, const int64_t* hi, int rows) {
   for (int r = 0; r < rows; ++r) {
     if (lo[r] <= s.first_pos + s.count - 1 && hi[r] >= s.first_pos && lo[r] <= hi[r]) {
@@ -100,10 +125,17 @@ void RunAttend(const AttendProblem& p, AttendRunFn run, int threads,
         if (AnyRowSees(span, row_lo, row_hi, rows)) add(s, h, false, span);
       }
       spans.clear();
-      RingSpans(seq.evicted, end - seq.tail_count, p.store_slots, p.sinks, &spans);
+      if (p.page_size > 0) {  // pages: items are runs of non-sink indices
+        if (end - seq.tail_count > seq.evicted) {
+          spans.push_back({seq.evicted, end - seq.tail_count - seq.evicted, p.sinks + seq.evicted});
+        }
+      } else {
+        RingSpans(seq.evicted, end - seq.tail_count, p.store_slots, p.sinks, &spans);
+      }
       for (const Span& span : spans) {
         const int64_t n_pieces = (span.count + chunk - 1) / chunk;  // of equal size
-        const int64_t size = (span.count + n_pieces - 1) / std::max<int64_t>(1, n_pieces);
+        int64_t size = (span.count + n_pieces - 1) / std::max<int64_t>(1, n_pieces);
+        if (p.page_size > 0) size = (size + p.page_size - 1) / p.page_size * p.page_size;
         for (int64_t t = 0; t < span.count; t += size) {
           const Span piece{span.first_slot + t, std::min(size, span.count - t),
                            span.first_pos + t};
@@ -158,7 +190,11 @@ void RunAttend(const AttendProblem& p, AttendRunFn run, int threads,
       args.softcap = seq.softcap;
       args.scratch = aligned;
       Partial out{part, part + rows, flags.data(), flags.data() + rows, part + 4 * rows};
-      run(args, out);
+      if (item.store && p.page_size > 0) {
+        RunPaged(p, seq, item, key, value, run, &args, out);
+      } else {
+        run(args, out);
+      }
       for (int r = 0; r < rows; ++r) {
         part[2 * rows + r] = flags[r];
         part[3 * rows + r] = flags[rows + r];

@@ -22,6 +22,18 @@ struct TierView {
   int64_t head_bytes = 0;
   int64_t head_slots = 0;
 
+  // Page `page` of a paged store laid out [pages][heads][slots] (this view
+  // is page 0's).
+  TierView Page(int64_t page, int heads, const TierFormat& f) const {
+    TierView t = *this;
+    const int64_t rows = page * heads * head_slots;
+    t.base.data = base.data + page * heads * head_bytes;
+    if (base.scale) t.base.scale = base.scale + rows;
+    if (base.zero) t.base.zero = base.zero + rows;
+    if (base.norms) t.base.norms = base.norms + rows * f.norm_count;
+    return t;
+  }
+
   TierData Head(int h, const TierFormat& f) const {
     TierData d;
     d.data = base.data + h * head_bytes;
@@ -43,6 +55,10 @@ struct SequenceView {
   int32_t window = 0;
   float softcap = 0.0f;  // used when AttendProblem::has_softcap
   TierView sink_k, sink_v, tail_k, tail_v, store_k, store_v;
+  // Paged store (AttendProblem::page_size > 0): non-sink token j is slot
+  // j % page_size of page page_table[j / page_size] of store_k / store_v
+  // (which view page 0); [max_pages] entries.
+  const int32_t* page_table = nullptr;
   float* out_hot = nullptr;    // [H][R][D]
   float* out_store = nullptr;  // [H][R][A_v], the store value format's domain
 };
@@ -52,6 +68,10 @@ struct AttendProblem {
   const SequenceView* sequences = nullptr;
   int32_t heads = 0, rows = 0;
   int32_t sinks = 0, tail_slots = 0, store_slots = 0;
+  // A paged store: page_size = store_slots tokens per page, num_pages pages,
+  // max_pages page-table entries per sequence; 0 for a ring store.
+  int32_t page_size = 0;
+  int64_t num_pages = 0, max_pages = 0;
   bool has_softcap = false;
   TierFormat hot;                       // sinks and tail, keys and values
   TierFormat store_key, store_value;    // the store's keys and values

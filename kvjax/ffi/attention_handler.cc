@@ -32,9 +32,13 @@ std::string Shape(ffi::Span<const int64_t> dims) {
 class Batched {
  public:
   Batched(const char* name, ffi::Span<const int64_t> dims, int core,
-          const std::vector<int64_t>& batch, std::string* error, bool no_layers = false)
+          const std::vector<int64_t>& batch, std::string* error, bool no_layers = false,
+          bool unbatched = false)
       : name_(name), dims_(dims.begin(), dims.end()) {
     const size_t nb = batch.size();
+    if (unbatched) {  // shared by every batch entry (a paged store): no batch dims
+      dims_.insert(dims_.begin(), nb, 1);
+    }
     if (no_layers) {
       dims_.insert(dims_.begin() + std::min(nb, dims_.size()), 1);
     }
@@ -153,14 +157,15 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_hot,
                       ffi::AnyBuffer tail_v, ffi::AnyBuffer store_k, ffi::AnyBuffer store_k_aux0,
                       ffi::AnyBuffer store_k_aux1, ffi::AnyBuffer store_v,
                       ffi::AnyBuffer store_v_aux0, ffi::AnyBuffer store_v_aux1,
-                      ffi::Buffer<ffi::F32> tables, ffi::ResultBuffer<ffi::F32> out_hot,
+                      ffi::Buffer<ffi::F32> tables, ffi::Buffer<ffi::S32> page_table,
+                      ffi::ResultBuffer<ffi::F32> out_hot,
                       ffi::ResultBuffer<ffi::F32> out_store, int32_t hot_kind,
                       int32_t key_kind, int32_t key_norm_count,
                       ffi::Span<const int32_t> key_segments,
                       ffi::Span<const float> key_kappa_scales, int32_t value_kind,
                       int32_t value_norm_count, ffi::Span<const int32_t> value_segments,
                       ffi::Span<const float> value_kappa_scales, int32_t has_window,
-                      int32_t has_softcap, int32_t has_layers) {
+                      int32_t has_softcap, int32_t has_layers, int32_t page_size) {
   const Selection& selection = ActiveKernels();
   if (!selection.kernels) {
     return ffi::Error::Internal("kvjax kernels not selected: " + selection.error);
@@ -169,6 +174,12 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_hot,
   if (out_dims.size() < 3) return ffi::Error::InvalidArgument("kvjax attend: out_hot rank < 3");
   const std::vector<int64_t> batch(out_dims.begin(), out_dims.end() - 3);
   const bool no_layers = has_layers == 0;
+  // A paged store: pages [N, H, page_size, ...] shared by the batch, read
+  // through each sequence's page table [max_pages]; no layer axis.
+  const bool paged = page_size > 0;
+  if (paged && !no_layers) {
+    return ffi::Error::InvalidArgument("kvjax attend: a paged store has no layer axis");
+  }
   std::string error;
   const Batched bq_hot("q_hot", q_hot.dimensions(), 3, batch, &error);
   const Batched bq_store("q_store", q_store.dimensions(), 3, batch, &error);
@@ -184,27 +195,41 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_hot,
   const Batched btk("tail_k", tail_k.dimensions(), 4, batch, &error, no_layers);
   const Batched btv("tail_v", tail_v.dimensions(), 4, batch, &error, no_layers);
   const StoreSide key_side(key_kind, key_norm_count), value_side(value_kind, value_norm_count);
-  const Batched bstk("store_k", store_k.dimensions(), 4, batch, &error, no_layers);
-  const Batched bstv("store_v", store_v.dimensions(), 4, batch, &error, no_layers);
+  // A ring store has [batch..., L, H, slots, ...] (no L for one cache); a
+  // paged one [N, H, page_size, ...], where N takes the place of L.
+  const bool store_layers = no_layers && !paged;
+  const Batched bstk("store_k", store_k.dimensions(), 4, batch, &error, store_layers, paged);
+  const Batched bstv("store_v", store_v.dimensions(), 4, batch, &error, store_layers, paged);
   const Batched bsk0("store_k aux", store_k_aux0.dimensions(), key_side.Aux0Core(), batch, &error,
-                     key_side.aux() && no_layers);
+                     key_side.aux() && store_layers, paged);
   const Batched bsv0("store_v aux", store_v_aux0.dimensions(), value_side.Aux0Core(), batch, &error,
-                     value_side.aux() && no_layers);
+                     value_side.aux() && store_layers, paged);
   const Batched bsk1("store_k zero", store_k_aux1.dimensions(), key_side.affine ? 3 : 1, batch,
-                     &error, key_side.affine && no_layers);
+                     &error, key_side.affine && store_layers, paged);
   const Batched bsv1("store_v zero", store_v_aux1.dimensions(), value_side.affine ? 3 : 1, batch,
-                     &error, value_side.affine && no_layers);
+                     &error, value_side.affine && store_layers, paged);
+  std::string unused;  // a ring store's call passes a dummy page table
+  const Batched btable("page_table", page_table.dimensions(), 1, batch, paged ? &error : &unused);
   if (!error.empty()) return ffi::Error::InvalidArgument("kvjax attend: " + error);
 
   AttendProblem p;
   p.heads = static_cast<int32_t>(bq_hot.Core(0));
   p.rows = static_cast<int32_t>(bq_hot.Core(1));
   const int32_t d = static_cast<int32_t>(bq_hot.Core(2));
-  const int64_t layers = bstk.Core(0);
+  const int64_t layers = paged ? 1 : bstk.Core(0);
   p.sinks = static_cast<int32_t>(bsk.Core(2));
   p.tail_slots = static_cast<int32_t>(btk.Core(2));
   p.store_slots = static_cast<int32_t>(bstk.Core(2));
   p.has_softcap = has_softcap != 0;
+  if (paged) {
+    p.page_size = static_cast<int32_t>(bstk.Core(2));
+    p.num_pages = bstk.Core(0);
+    p.max_pages = btable.Core(0);
+    if (p.page_size != page_size) {
+      return ffi::Error::InvalidArgument("kvjax attend: pages of " + std::to_string(bstk.Core(2)) +
+                                         " slots, page_size " + std::to_string(page_size));
+    }
+  }
   p.hot.kind = static_cast<ValueKind>(hot_kind);
   p.hot.lanes = d;
   p.hot.row_bytes = d * ElementBytes(tail_k.element_type());
@@ -237,8 +262,8 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_hot,
       !same(blen, {layers}) || !same(bev, {layers}) || !same(btail, {layers}) ||
       !same(bsk, {layers, p.heads, -1, d}) || !same(bsv, {layers, p.heads, p.sinks, d}) ||
       !same(btk, {layers, p.heads, -1, d}) || !same(btv, {layers, p.heads, p.tail_slots, d}) ||
-      !same(bstk, {layers, p.heads, -1, -1}) ||
-      !same(bstv, {layers, p.heads, p.store_slots, -1}) ||
+      !same(bstk, {paged ? -1 : layers, p.heads, -1, -1}) ||
+      !same(bstv, {paged ? p.num_pages : layers, p.heads, p.store_slots, -1}) ||
       ElementBytes(tail_k.element_type()) == 0 || ElementBytes(store_k.element_type()) == 0 ||
       ElementBytes(store_v.element_type()) == 0 ||
       sink_k.element_type() != tail_k.element_type()) {
@@ -292,6 +317,8 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_hot,
                      &bsk1, b, li, key_side.lut_norms);
     s.store_v = view(store_v, bstv, value_side.aux() ? &store_v_aux0 : nullptr, &bsv0,
                      &store_v_aux1, &bsv1, b, li, value_side.lut_norms);
+    // Paged: the views above are page 0's (li is 0).
+    if (paged) s.page_table = page_table.typed_data() + btable.Offset(b);
     s.out_hot = out_hot->typed_data() + b * p.heads * p.rows * d;
     s.out_store = out_store->typed_data() + b * p.heads * p.rows * p.store_value.lanes;
   }
@@ -332,6 +359,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Attend, AttendImpl,
                                   .Arg<ffi::AnyBuffer>()         // store_v scale / norms
                                   .Arg<ffi::AnyBuffer>()         // store_v zero
                                   .Arg<ffi::Buffer<ffi::F32>>()  // tables
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // page_table
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out_hot
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out_store
                                   .Attr<int32_t>("hot_kind")
@@ -345,6 +373,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Attend, AttendImpl,
                                   .Attr<ffi::Span<const float>>("value_kappa_scales")
                                   .Attr<int32_t>("has_window")
                                   .Attr<int32_t>("has_softcap")
-                                  .Attr<int32_t>("has_layers"));
+                                  .Attr<int32_t>("has_layers")
+                                  .Attr<int32_t>("page_size"));
 
 }  // namespace kvjax
