@@ -10,6 +10,7 @@ Layout (`S = max_seqs`, `N = num_pages`, `P = page_size`):
   ref_count         [N]                     page-table entries pointing at each page
   free_pages, free_count                    a stack: free_pages[:free_count] are free
   length, tail_count, refused   [S]         as a KVCache's counters (no eviction)
+  generation        [S]                     times each slot was freed
   bad_slots         []                      slot ids outside [0, S) or repeated
 
 A slot is a `KVCache` (`PagedSpec.cache_spec()`) whose store ring is the
@@ -60,6 +61,7 @@ class PagedCache:
   length: jax.Array
   tail_count: jax.Array
   refused: jax.Array
+  generation: jax.Array  # int32 [S]: times each slot was freed (prefix index checks it)
   bad_slots: jax.Array
   spec: PagedSpec = dataclasses.field(metadata=dict(static=True))
 
@@ -109,7 +111,7 @@ def init(spec: PagedSpec) -> PagedCache:
       # Popped from the end: the first appends get pages 0, 1, 2, ...
       free_pages=jnp.arange(n - 1, -1, -1, dtype=jnp.int32),
       free_count=jnp.int32(n), length=zeros(), tail_count=zeros(), refused=zeros(),
-      bad_slots=jnp.int32(0), spec=spec)
+      generation=zeros(), bad_slots=jnp.int32(0), spec=spec)
 
 
 def require_pool(pool, fn_name: str) -> None:
@@ -145,6 +147,17 @@ def valid_slots(seq, spec: PagedSpec):
   ok = (seq >= 0) & (seq < spec.max_seqs)
   same = (seq[:, None] == seq[None, :]) & ~jnp.eye(seq.shape[0], dtype=bool)
   return ok & ~jnp.any(same, axis=1)
+
+
+def slot_stack(pool: PagedCache) -> KVCache:
+  """Every slot as one layer of a `KVCache` stack (no store): the `KVCache`
+  transforms with `layer=slot` then update a slot's hot tiers in place."""
+  zeros = jnp.zeros_like(pool.length)
+  return KVCache(sink_k=pool.sink_k, sink_v=pool.sink_v, tail_k=pool.tail_k,
+                 tail_v=pool.tail_v, store_k=None, store_v=None,
+                 store_order=pool.store_order, length=pool.length, evicted=zeros,
+                 tail_count=pool.tail_count, rejected=zeros, bad_layer_tokens=zeros,
+                 spec=slot_spec(pool.spec))
 
 
 def slot_view(pool: PagedCache, slot, store=None) -> KVCache:
@@ -245,11 +258,6 @@ def _append(pool: PagedCache, seq, k, v, n_valid) -> PagedCache:
   refused = jnp.where(ok, 0, n_valid)
   accepted = n_valid - refused
 
-  views = jax.vmap(lambda s: slot_view(pool, s))(slot)
-  views, store_rows, store_index = jax.vmap(
-      lambda c, kb, vb, nb: _transforms.append_rows(c, kb, vb, nb, None))(
-          views, k, v, accepted)
-
   # New pages: sequence b takes stack entries free_count - 1 - taken_before[b] - t.
   new_pages = -(-n // size)
   t = jnp.arange(new_pages, dtype=jnp.int32)
@@ -258,26 +266,33 @@ def _append(pool: PagedCache, seq, k, v, n_valid) -> PagedCache:
   pages = jnp.where(taking, pool.free_pages[jnp.clip(stack_pos, 0, spec.num_pages - 1)],
                     spec.num_pages)
   rows = jnp.where(ok_slot, seq, spec.max_seqs)
-  table = pool.page_table.at[rows[:, None], jnp.where(taking, have[:, None] + t, spec.max_pages_per_seq)].set(
-      pages, mode="drop")
+  column = jnp.where(taking, have[:, None] + t, spec.max_pages_per_seq)
+  table = pool.page_table.at[rows[:, None], column].set(pages, mode="drop")
   ref_count = pool.ref_count.at[pages].set(1, mode="drop")
 
-  # Store rows into pages: token j of sequence b is row j % P of its page j // P.
-  j = store_index  # [B, n]: the non-sink index (no ring wraps), or store_slots
-  kept = j < spec.max_tokens
-  page = jnp.where(kept, table[slot[:, None], jnp.clip(j // size, 0, spec.max_pages_per_seq - 1)],
-                   spec.num_pages)
-  row = jnp.mod(j, size)
+  # One sequence at a time, each writing only its own rows in place: the
+  # KVCache append on its hot tiers and counters (the slots are the layers
+  # of a stack), and its encoded rows into its pages (non-sink token j is
+  # row j % P of page j // P).
+  def one(b, carry):
+    stack, pages_k, pages_v = carry
+    stack, store_rows, j = _transforms.append_rows(stack, k[b], v[b], accepted[b], slot[b])
+    page = jnp.where(j < spec.max_tokens,
+                     table[slot[b], jnp.clip(j // size, 0, spec.max_pages_per_seq - 1)],
+                     spec.num_pages)
+    write = lambda dst, src: dst.at[page, :, jnp.mod(j, size)].set(jnp.swapaxes(src, 0, 1),
+                                                                   mode="drop")
+    return (stack, jax.tree.map(write, pages_k, store_rows[0]),
+            jax.tree.map(write, pages_v, store_rows[1]))
 
-  def write(dst, src):  # src [B, H, n, ...] -> dst[page, :, row]
-    return dst.at[page, :, row].set(jnp.swapaxes(src, 1, 2), mode="drop")
-
-  pages_k = jax.tree.map(write, pool.pages_k, store_rows[0])
-  pages_v = jax.tree.map(write, pool.pages_v, store_rows[1])
-  out = _set_slots(pool, rows, views)
+  stack, pages_k, pages_v = jax.lax.fori_loop(
+      0, seq.shape[0], one, (slot_stack(pool), pool.pages_k, pool.pages_v))
   return dataclasses.replace(
-      out, pages_k=pages_k, pages_v=pages_v, page_table=table, ref_count=ref_count,
-      free_count=free_left, refused=pool.refused.at[rows].add(refused, mode="drop"),
+      pool, sink_k=stack.sink_k, sink_v=stack.sink_v, tail_k=stack.tail_k,
+      tail_v=stack.tail_v, store_order=stack.store_order, length=stack.length,
+      tail_count=stack.tail_count, pages_k=pages_k, pages_v=pages_v, page_table=table,
+      ref_count=ref_count, free_count=free_left,
+      refused=pool.refused.at[rows].add(refused, mode="drop"),
       bad_slots=pool.bad_slots + jnp.sum(~ok_slot).astype(jnp.int32))
 
 
@@ -314,6 +329,7 @@ def _free(pool: PagedCache, seq) -> PagedCache:
       page_table=pool.page_table.at[rows].set(spec.num_pages, mode="drop"),
       length=put(pool.length, zero), tail_count=put(pool.tail_count, zero),
       refused=put(pool.refused, zero),
+      generation=pool.generation.at[rows].add(1, mode="drop"),
       bad_slots=pool.bad_slots + jnp.sum(~ok_slot).astype(jnp.int32))
 
 
@@ -364,3 +380,16 @@ def _fork(pool: PagedCache, src, dst) -> PagedCache:
       free_count=pool.free_count - copying.astype(jnp.int32),
       refused=out.refused.at[jnp.where(ids_ok, d, spec.max_seqs)].add(refusal, mode="drop"),
       bad_slots=pool.bad_slots + (~ids_ok).astype(jnp.int32))
+
+
+def acknowledge(pool: PagedCache, seq) -> PagedCache:
+  """The pool with the refusal records of slots `seq` (int32 `[B]`) reset
+  to 0, after handling them (`check` raised): nothing else changes."""
+  require_pool(pool, "acknowledge")
+  return _acknowledge(pool, check_slots("seq", seq, pool.spec))
+
+
+@jax.jit
+def _acknowledge(pool: PagedCache, seq) -> PagedCache:
+  rows = jnp.where(valid_slots(seq, pool.spec), seq, pool.spec.max_seqs)
+  return dataclasses.replace(pool, refused=pool.refused.at[rows].set(0, mode="drop"))

@@ -112,7 +112,8 @@ def _attend_xla(pool, slots, views, queries, options, block_size):
 
 
 def _attend_kernel(pool, slots, views, queries, options, block_size):
-  """The C++ kernel through the page tables: `[B, H, M, D]`."""
+  """The C++ kernel through the page tables: `[B, H, M, D]`. It reads the
+  slots' hot tiers and pages where they are (the slots as a stack's layers)."""
   del block_size
   window, softcap = options
   spec = views.spec
@@ -120,12 +121,13 @@ def _attend_kernel(pool, slots, views, queries, options, block_size):
   hot, (key, value) = _state.hot_format(spec), _state.store_formats(spec)
   q_store = jax.vmap(lambda view, query: key.flat_query(
       _attention._prepare_query(key, query.q, _order(view))))(views, queries)
-  hot_leaves = tuple(x.data for x in (views.sink_k, views.sink_v, views.tail_k, views.tail_v))
+  stack = _pool.slot_stack(pool)
+  hot_leaves = tuple(x.data for x in (stack.sink_k, stack.sink_v, stack.tail_k, stack.tail_v))
   out_hot, out_store = ffi.attend(
-      queries.q, q_store, queries.pos, (views.length, views.evicted, views.tail_count), None,
+      queries.q, q_store, queries.pos, (stack.length, stack.evicted, stack.tail_count), slots,
       window, softcap, hot_leaves, key.kernel_leaves(pool.pages_k),
       value.kernel_leaves(pool.pages_v), hot.kernel_layout(d), key.kernel_layout(d),
-      value.kernel_layout(d), value.accumulator_dim(d), page_table=pool.page_table[slots])
+      value.kernel_layout(d), value.accumulator_dim(d), page_table=pool.page_table)
   finish = jax.vmap(lambda view, acc: _attention._finish(value, acc, _order(view)))
   return out_hot + finish(views, out_store)
 

@@ -6,10 +6,12 @@ pages (contract: docs/serving.md).
   out = kvjax.paged.attend(pool, seq, q)                # [B, n_q, Hq, D]
   pool = kvjax.paged.fork(pool, src, dst)               # shares full pages
   pool = kvjax.paged.free(pool, seq)
-  kvjax.paged.check(pool); kvjax.paged.stats(pool)
+  kvjax.paged.check(pool); kvjax.paged.stats(pool)     # refusals, accounting
+  pool = kvjax.paged.acknowledge(pool, seq)            # refusals handled
 """
 
 from kvjax._pool import PagedCache
+from kvjax._pool import acknowledge
 from kvjax._pool import append
 from kvjax._pool import fork
 from kvjax._pool import free
@@ -18,7 +20,9 @@ from kvjax._pool_attention import attend
 from kvjax._pool_views import check
 from kvjax._pool_views import materialize
 from kvjax._pool_views import stats
+from kvjax._prefix import PrefixIndex
+from kvjax._prefix import PrefixMatch
 from kvjax._spec import PagedSpec
 
-__all__ = ("PagedCache", "PagedSpec", "append", "attend", "check", "fork", "free",
+__all__ = ("PagedCache", "PagedSpec", "PrefixIndex", "PrefixMatch", "acknowledge", "append", "attend", "check", "fork", "free",
            "init", "materialize", "stats")

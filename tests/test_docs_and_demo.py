@@ -83,7 +83,8 @@ def test_demo_rejects_unknown_format(capsys):
   assert "--formats: unknown ['q3']" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("script", ["bench_append.py", "bench_attend.py", "bench_kernels.py"])
+@pytest.mark.parametrize("script", ["bench_append.py", "bench_attend.py", "bench_kernels.py",
+                                    "bench_paged.py"])
 def test_benchmarks_run_quick(script, tmp_path):
   import json
   import subprocess

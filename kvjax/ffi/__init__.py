@@ -194,10 +194,11 @@ def attend(q_hot, q_store, row_pos, counters, layer, window, softcap,
       `[L, H, slots, ...]`, unused ones None.
     hot, key, value: how the kernel reads the hot tiers, the store's keys and
       its values; value_lanes: A_v, the value format's accumulator width.
-    page_table: for a paged pool, int32 `[B, max_pages]`: then `store_k`,
-      `store_v` are the pages `[N, H, page_size, ...]` shared by the batch,
-      every other operand has a leading batch axis `B` (no layer axis), and
-      the outputs too.
+    page_table: for a paged pool, its int32 `[S, max_pages]` page tables:
+      then `store_k`, `store_v` are its pages `[N, H, page_size, ...]`, the
+      counters and hot leaves its slots' (`[S, ...]`, as a stack of S
+      layers), `layer` is int32 `[B]` (the slot of each batch entry), and the
+      queries and outputs have a leading batch axis `B`.
 
   Returns:
     (out_hot `[H, R, D]`, out_store `[H, R, A_v]`): the softmax-weighted sums
@@ -207,8 +208,8 @@ def attend(q_hot, q_store, row_pos, counters, layer, window, softcap,
   """
   _require_loaded()
   *batch, h, r, d = q_hot.shape
-  if page_table is not None and (len(batch) != 1 or layer is not None):
-    raise ValueError("a paged attend takes one batch axis and no layer")
+  if page_table is not None and (len(batch) != 1 or jnp.shape(layer) != tuple(batch)):
+    raise ValueError("a paged attend takes one batch axis and a slot per entry")
   batch = tuple(batch)
   dummy = jnp.zeros((1,), jnp.float32)
   fill = lambda leaves: tuple(dummy if x is None else x for x in leaves)
@@ -228,7 +229,8 @@ def attend(q_hot, q_store, row_pos, counters, layer, window, softcap,
       f"{prefix}_kappa_scales": np.asarray(layout.kappa_scales, np.float32).reshape(-1)}
   return call(
       q_hot, q_store, row_pos, *counters,
-      scalar(jnp.asarray(0 if layer is None else layer, jnp.int32)),
+      (layer if page_table is not None
+       else scalar(jnp.asarray(0 if layer is None else layer, jnp.int32))),
       scalar(jnp.asarray(0 if window is None else window, jnp.int32)),
       scalar(jnp.asarray(0.0 if softcap is None else softcap, jnp.float32)),
       *hot_leaves, *fill(store_k), *fill(store_v),

@@ -42,29 +42,22 @@ void RingSpans(int64_t begin, int64_t end, int64_t slots, int64_t sinks,
   }
 }
 
-// A paged store item: its non-sink indices [first_slot, first_slot + count)
-// folded in page by page (AttendRun updates the partial in place).
-void RunPaged(const AttendProblem& p, const SequenceView& seq, const Item& item,
-              const TierFormat& key, const TierFormat& value, AttendRunFn run, RunArgs* a,
-              const Partial& out) {
-  const int64_t size = p.page_size, stop = item.first_slot + item.count;
-  for (int64_t j = item.first_slot; j < stop;) {
-    const int64_t column = j / size, slot = j % size;
-    const int64_t n = std::min(size - slot, stop - j);
+// The K and V tiers (head `item.head`) of each page a paged store item
+// spans; false if a page id is out of range (kvjax never passes one).
+bool ItemPages(const AttendProblem& p, const SequenceView& seq, const Item& item,
+               const TierFormat& key, const TierFormat& value, std::vector<TierData>* pages_k,
+               std::vector<TierData>* pages_v) {
+  pages_k->clear();
+  pages_v->clear();
+  const int64_t first = item.first_slot / p.page_size;
+  const int64_t last = (item.first_slot + item.count - 1) / p.page_size;
+  for (int64_t column = first; column <= last; ++column) {
     const int64_t page = column < p.max_pages ? seq.page_table[column] : -1;
-    if (page < 0 || page >= p.num_pages) {  // kvjax never passes one: NaN, never read
-      std::fill(out.nan, out.nan + a->rows, 1);
-      std::fill(out.seen, out.seen + a->rows, 1);
-      return;
-    }
-    a->k = seq.store_k.Page(page, p.heads, key).Head(item.head, key);
-    a->v = seq.store_v.Page(page, p.heads, value).Head(item.head, value);
-    a->first_slot = slot;
-    a->count = n;
-    a->first_pos = p.sinks + j;
-    run(*a, out);
-    j += n;
+    if (page < 0 || page >= p.num_pages) return false;
+    pages_k->push_back(seq.store_k.Page(page, p.heads, key).Head(item.head, key));
+    pages_v->push_back(seq.store_v.Page(page, p.heads, value).Head(item.head, value));
   }
+  return true;
 }
 
 bool AnyRowSees(const Span& s, const int64_t* lo, const int64_t* hi, int rows) {
@@ -157,6 +150,7 @@ void RunAttend(const AttendProblem& p, AttendRunFn run, int threads,
                                     RunScratchBytes(p.store_key, p.store_value, rows));
   parallel(static_cast<int64_t>(items.size()), [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> flags(2 * rows);
+    std::vector<TierData> pages_k, pages_v;
     std::vector<uint8_t> memory(run_bytes + 64);
     void* aligned = memory.data() + (64 - reinterpret_cast<uintptr_t>(memory.data()) % 64) % 64;
     for (int64_t i = begin; i < end; ++i) {
@@ -191,7 +185,14 @@ void RunAttend(const AttendProblem& p, AttendRunFn run, int threads,
       args.scratch = aligned;
       Partial out{part, part + rows, flags.data(), flags.data() + rows, part + 4 * rows};
       if (item.store && p.page_size > 0) {
-        RunPaged(p, seq, item, key, value, run, &args, out);
+        args.page_size = p.page_size;
+        if (ItemPages(p, seq, item, key, value, &pages_k, &pages_v)) {
+          args.page_k = pages_k.data();
+          args.page_v = pages_v.data();
+          run(args, out);
+        } else {  // poisoned: NaN rather than a read outside the pool
+          std::fill(flags.begin(), flags.end(), 1);
+        }
       } else {
         run(args, out);
       }

@@ -174,26 +174,28 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_hot,
   if (out_dims.size() < 3) return ffi::Error::InvalidArgument("kvjax attend: out_hot rank < 3");
   const std::vector<int64_t> batch(out_dims.begin(), out_dims.end() - 3);
   const bool no_layers = has_layers == 0;
-  // A paged store: pages [N, H, page_size, ...] shared by the batch, read
-  // through each sequence's page table [max_pages]; no layer axis.
+  // A paged pool: pages [N, H, page_size, ...], and the slots' hot tiers,
+  // counters and page tables [S, ...], are shared by the batch; `layer`
+  // ([batch...]) selects each entry's slot, which reads its store through
+  // its page table row [max_pages].
   const bool paged = page_size > 0;
-  if (paged && !no_layers) {
-    return ffi::Error::InvalidArgument("kvjax attend: a paged store has no layer axis");
+  if (paged && no_layers) {
+    return ffi::Error::InvalidArgument("kvjax attend: a paged pool selects slots as layers");
   }
   std::string error;
   const Batched bq_hot("q_hot", q_hot.dimensions(), 3, batch, &error);
   const Batched bq_store("q_store", q_store.dimensions(), 3, batch, &error);
   const Batched brow("row_pos", row_pos.dimensions(), 1, batch, &error);
-  const Batched blen("length", length.dimensions(), 1, batch, &error, no_layers);
-  const Batched bev("evicted", evicted.dimensions(), 1, batch, &error, no_layers);
-  const Batched btail("tail_count", tail_count.dimensions(), 1, batch, &error, no_layers);
+  const Batched blen("length", length.dimensions(), 1, batch, &error, no_layers, paged);
+  const Batched bev("evicted", evicted.dimensions(), 1, batch, &error, no_layers, paged);
+  const Batched btail("tail_count", tail_count.dimensions(), 1, batch, &error, no_layers, paged);
   const Batched blayer("layer", layer.dimensions(), 0, batch, &error);
   const Batched bwin("window", window.dimensions(), 0, batch, &error);
   const Batched bcap("softcap", softcap.dimensions(), 0, batch, &error);
-  const Batched bsk("sink_k", sink_k.dimensions(), 4, batch, &error, no_layers);
-  const Batched bsv("sink_v", sink_v.dimensions(), 4, batch, &error, no_layers);
-  const Batched btk("tail_k", tail_k.dimensions(), 4, batch, &error, no_layers);
-  const Batched btv("tail_v", tail_v.dimensions(), 4, batch, &error, no_layers);
+  const Batched bsk("sink_k", sink_k.dimensions(), 4, batch, &error, no_layers, paged);
+  const Batched bsv("sink_v", sink_v.dimensions(), 4, batch, &error, no_layers, paged);
+  const Batched btk("tail_k", tail_k.dimensions(), 4, batch, &error, no_layers, paged);
+  const Batched btv("tail_v", tail_v.dimensions(), 4, batch, &error, no_layers, paged);
   const StoreSide key_side(key_kind, key_norm_count), value_side(value_kind, value_norm_count);
   // A ring store has [batch..., L, H, slots, ...] (no L for one cache); a
   // paged one [N, H, page_size, ...], where N takes the place of L.
@@ -209,14 +211,15 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_hot,
   const Batched bsv1("store_v zero", store_v_aux1.dimensions(), value_side.affine ? 3 : 1, batch,
                      &error, value_side.affine && store_layers, paged);
   std::string unused;  // a ring store's call passes a dummy page table
-  const Batched btable("page_table", page_table.dimensions(), 1, batch, paged ? &error : &unused);
+  const Batched btable("page_table", page_table.dimensions(), 2, batch, paged ? &error : &unused,
+                       false, true);
   if (!error.empty()) return ffi::Error::InvalidArgument("kvjax attend: " + error);
 
   AttendProblem p;
   p.heads = static_cast<int32_t>(bq_hot.Core(0));
   p.rows = static_cast<int32_t>(bq_hot.Core(1));
   const int32_t d = static_cast<int32_t>(bq_hot.Core(2));
-  const int64_t layers = paged ? 1 : bstk.Core(0);
+  const int64_t layers = paged ? blen.Core(0) : bstk.Core(0);
   p.sinks = static_cast<int32_t>(bsk.Core(2));
   p.tail_slots = static_cast<int32_t>(btk.Core(2));
   p.store_slots = static_cast<int32_t>(bstk.Core(2));
@@ -224,10 +227,12 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_hot,
   if (paged) {
     p.page_size = static_cast<int32_t>(bstk.Core(2));
     p.num_pages = bstk.Core(0);
-    p.max_pages = btable.Core(0);
-    if (p.page_size != page_size) {
-      return ffi::Error::InvalidArgument("kvjax attend: pages of " + std::to_string(bstk.Core(2)) +
-                                         " slots, page_size " + std::to_string(page_size));
+    p.max_pages = btable.Core(1);
+    if (p.page_size != page_size || btable.Core(0) != layers) {
+      return ffi::Error::InvalidArgument(
+          "kvjax attend: pages of " + std::to_string(bstk.Core(2)) + " slots, page_size " +
+          std::to_string(page_size) + ", page tables " + Shape(page_table.dimensions()) +
+          " for " + std::to_string(layers) + " slots");
     }
   }
   p.hot.kind = static_cast<ValueKind>(hot_kind);
@@ -313,12 +318,13 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_hot,
     s.sink_v = view(sink_v, bsv, nullptr, nullptr, nullptr, nullptr, b, li, false);
     s.tail_k = view(tail_k, btk, nullptr, nullptr, nullptr, nullptr, b, li, false);
     s.tail_v = view(tail_v, btv, nullptr, nullptr, nullptr, nullptr, b, li, false);
+    // Paged: the store views are page 0's, and the slot picks a page table row.
+    const int64_t store_layer = paged ? 0 : li;
     s.store_k = view(store_k, bstk, key_side.aux() ? &store_k_aux0 : nullptr, &bsk0, &store_k_aux1,
-                     &bsk1, b, li, key_side.lut_norms);
+                     &bsk1, b, store_layer, key_side.lut_norms);
     s.store_v = view(store_v, bstv, value_side.aux() ? &store_v_aux0 : nullptr, &bsv0,
-                     &store_v_aux1, &bsv1, b, li, value_side.lut_norms);
-    // Paged: the views above are page 0's (li is 0).
-    if (paged) s.page_table = page_table.typed_data() + btable.Offset(b);
+                     &store_v_aux1, &bsv1, b, store_layer, value_side.lut_norms);
+    if (paged) s.page_table = page_table.typed_data() + btable.Offset(b) + li * p.max_pages;
     s.out_hot = out_hot->typed_data() + b * p.heads * p.rows * d;
     s.out_store = out_store->typed_data() + b * p.heads * p.rows * p.store_value.lanes;
   }

@@ -82,6 +82,13 @@ struct RunArgs {
   const TierFormat* value_format;
   TierData k, v;
   int64_t first_slot;  // the run is slots [first_slot, first_slot + count)
+  // A paged store (page_size > 0): the run is non-sink indices [first_slot,
+  // first_slot + count) instead, index j in slot j % page_size of the page
+  // whose tiers are page_k / page_v[j / page_size - first_slot / page_size]
+  // (k and v are then unused).
+  int64_t page_size = 0;
+  const TierData* page_k = nullptr;
+  const TierData* page_v = nullptr;
   int64_t count;
   int64_t first_pos;   // position of `first_slot`; positions rise by one
   int32_t rows;
@@ -116,6 +123,20 @@ struct Partial {
 };
 
 using AttendRunFn = void (*)(const RunArgs& args, const Partial& out);
+
+// Where run token t is: its K and V tiers and slot (a ring slot, or a slot
+// of its page), and how many tokens from t on are in the same tiers.
+struct TokenPlace {
+  TierData k, v;
+  int64_t slot, contiguous;
+};
+inline TokenPlace Locate(const RunArgs& a, int64_t t) {
+  if (a.page_size == 0) return {a.k, a.v, a.first_slot + t, a.count - t};
+  const int64_t j = a.first_slot + t, page = j / a.page_size - a.first_slot / a.page_size;
+  const int64_t slot = j % a.page_size;
+  const int64_t left = a.count - t, in_page = a.page_size - slot;
+  return {a.page_k[page], a.page_v[page], slot, left < in_page ? left : in_page};
+}
 
 // Visible tokens `[begin, end)` of a run (indices into the run) for a row
 // that sees positions [lo, hi]: empty when they do not meet.

@@ -17,15 +17,15 @@ void AttendRun(const RunArgs& a, const Partial& out) {
   std::vector<float> k(key.lanes), v(value.lanes);
   for (int64_t t = 0; t < a.count; ++t) {
     const int64_t pos = a.first_pos + t;
-    const int64_t slot = a.first_slot + t;
+    const TokenPlace place = Locate(a, t);
     bool decoded = false;
     for (int r = 0; r < a.rows; ++r) {
       if (pos < a.lo[r] || pos > a.hi[r]) continue;  // never read, for this row
       out.seen[r] = 1;
       if (out.nan[r]) continue;  // the row is NaN whatever else it sees
       if (!decoded) {
-        DecodeToken(key, a.k, slot, k.data());
-        DecodeToken(value, a.v, slot, v.data());
+        DecodeToken(key, place.k, place.slot, k.data());
+        DecodeToken(value, place.v, place.slot, v.data());
         decoded = true;
       }
       const float* q = a.q + static_cast<int64_t>(r) * key.lanes;

@@ -204,7 +204,9 @@ struct BlockState {
 // the block rather than in bursts that fill every line-fill buffer.
 constexpr int kAhead = 2 * kBlock;
 KVJAX_INLINE void PrefetchTokens(const RunArgs& a, int64_t slot, int count) {
-  if (slot + count > a.first_slot + a.count) return;
+  // Within the run only (a paged run's next page is elsewhere: the hardware
+  // prefetchers follow a page's rows).
+  if (a.page_size > 0 || slot + count > a.first_slot + a.count) return;
   const TierData* tiers[2] = {&a.k, &a.v};
   const TierFormat* formats[2] = {a.key_format, a.value_format};
   for (int i = 0; i < 2; ++i) {
@@ -608,7 +610,8 @@ class SimdRun {
   static constexpr int L = Isa::kLanes;
 
   SimdRun(const RunArgs& a, const Partial& out, Arena* arena)
-      : a_(a), out_(out), rows_(a.rows), keys_(a, arena), values_(a, out, arena) {
+      : args_(a), a_(args_), out_(out), rows_(a.rows), keys_(args_, arena),
+        values_(args_, out, arena) {
     st_.rows = rows_;
     st_.row = arena->Take<RowSpan>(rows_);
     const size_t plane = static_cast<size_t>(rows_) * kBlock * kMaxSegments;
@@ -618,14 +621,39 @@ class SimdRun {
   }
 
   void Run() {
-    for (int64_t t0 = 0; t0 < a_.count; t0 += kBlock) {
-      Block(t0, a_.count - t0 < kBlock ? static_cast<int>(a_.count - t0) : kBlock);
+    // Blocks never straddle two pages: the passes read the tiers in args_.
+    for (int64_t t0 = 0; t0 < a_.count;) {
+      const TokenPlace place = Locate(a_, t0);
+      args_.k = place.k;
+      args_.v = place.v;
+      const int n = place.contiguous < kBlock ? static_cast<int>(place.contiguous) : kBlock;
+      if (a_.page_size > 0 && t0 + n < a_.count) PrefetchPage(Locate(a_, t0 + n));
+      Block(t0, n, place.slot);
+      t0 += n;
     }
     values_.Finish();
   }
 
  private:
-  void Block(int64_t t0, int n) {
+  // The next block of a paged run, in another page: its rows one block
+  // ahead (within a page, tokens are contiguous and PrefetchTokens is off).
+  void PrefetchPage(const TokenPlace& next) {
+    const int count = next.contiguous < kBlock ? static_cast<int>(next.contiguous) : kBlock;
+    const TierData* tiers[2] = {&next.k, &next.v};
+    const TierFormat* formats[2] = {a_.key_format, a_.value_format};
+    for (int i = 0; i < 2; ++i) {
+      const char* begin = reinterpret_cast<const char*>(tiers[i]->data +
+                                                        next.slot * formats[i]->row_bytes);
+      for (int64_t b = 0; b < count * formats[i]->row_bytes; b += 64) Isa::Prefetch(begin + b);
+      if (tiers[i]->scale) {
+        Isa::Prefetch(tiers[i]->scale + next.slot);
+        Isa::Prefetch(tiers[i]->zero + next.slot);
+      }
+      if (tiers[i]->norms) Isa::Prefetch(tiers[i]->norms + next.slot * formats[i]->norm_count);
+    }
+  }
+
+  void Block(int64_t t0, int n, int64_t slot0) {
     bool any = false;
     for (int r = 0; r < rows_; ++r) {
       int64_t b, e;
@@ -641,7 +669,6 @@ class SimdRun {
       any = any || row.active;
     }
     if (!any) return;
-    const int64_t slot0 = a_.first_slot + t0;
     keys_.Scores(st_, slot0, n);
     values_.Factors(slot0, n);
     Softmax(slot0, n);
@@ -692,6 +719,7 @@ class SimdRun {
     }
   }
 
+  RunArgs args_;  // the passes' view: its k and v follow a paged run's pages
   const RunArgs& a_;
   const Partial& out_;
   const int rows_;
