@@ -64,6 +64,39 @@ def visible_keys(query: _Query, key_pos, key_ok):
   return visible
 
 
+def empty_softmax(h: int, rows: int, d: int, store_lanes: int) -> _Softmax:
+  """The state before any key."""
+  return _Softmax(jnp.full((h, rows), -jnp.inf, jnp.float32),
+                  jnp.zeros((h, rows), jnp.float32), jnp.zeros((h, rows, d), jnp.float32),
+                  jnp.zeros((h, rows, store_lanes), jnp.float32),
+                  jnp.zeros((h, rows), bool), jnp.zeros((h, rows), bool))
+
+
+def merge_softmax(a: _Softmax, b: _Softmax, into=None) -> _Softmax:
+  """The state of the keys of `a` and of `b` together (log-sum-exp). With
+  `into` (int `[W]`), `a` is a batch `[B, ...]` and `b` a batch `[W, ...]`
+  whose entry `w` merges into `a[into[w]]` (several may share one)."""
+  if into is None:
+    gather = lambda x: x
+    add = lambda dst, x: dst + x
+    new_max, nan = jnp.maximum(a.max, b.max), a.nan | b.nan
+  else:
+    gather = lambda x: x[into]
+    add = lambda dst, x: dst.at[into].add(x)
+    new_max = a.max.at[into].max(b.max)
+    nan = a.nan.at[into].max(b.nan)
+  # As in `fold_block`: a row without a finite logit shifts by 0, and a NaN
+  # row's values no longer matter.
+  shift = jnp.where((new_max == -jnp.inf) | nan, 0.0, new_max)
+  scale_a = jnp.exp(jnp.where(nan, 0.0, a.max - shift))
+  scale_b = jnp.exp(jnp.where(gather(nan), 0.0, b.max - gather(shift)))
+  return _Softmax(
+      max=new_max, denom=add(a.denom * scale_a, b.denom * scale_b),
+      acc=add(a.acc * scale_a[..., None], b.acc * scale_b[..., None]),
+      store_acc=add(a.store_acc * scale_a[..., None], b.store_acc * scale_b[..., None]),
+      seen=a.seen.at[into].max(b.seen) if into is not None else a.seen | b.seen, nan=nan)
+
+
 def _nonfinite_part(p, visible, x):
   """What the non-finite values of `x: [H, B, D]` add to `sum_b p x` for the
   visible keys, as the reference's products do (`0 * Inf` is NaN, a +Inf and
@@ -332,11 +365,7 @@ def attend_xla(stack, cache, layer, query, order, block_size, fold_store=None):
   spec = cache.spec
   h, rows, d = query.q.shape
   hot, (key, value) = _state.hot_format(spec), _state.store_formats(spec)
-  state = _Softmax(jnp.full((h, rows), -jnp.inf, jnp.float32),
-                   jnp.zeros((h, rows), jnp.float32),
-                   jnp.zeros((h, rows, d), jnp.float32),
-                   jnp.zeros((h, rows, value.accumulator_dim(d)), jnp.float32),
-                   jnp.zeros((h, rows), bool), jnp.zeros((h, rows), bool))
+  state = empty_softmax(h, rows, d, value.accumulator_dim(d))
   end = _state.nonsink_count(cache)
   if spec.sinks:
     slot = jnp.arange(spec.sinks, dtype=jnp.int32)

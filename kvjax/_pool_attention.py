@@ -99,16 +99,65 @@ def _order(view):
 
 
 def _attend_xla(pool, slots, views, queries, options, block_size):
-  """The jnp path: `[B, H, M, D]`, each sequence's pages read a block at a time."""
+  """The jnp path: `[B, H, M, D]`. The store of the whole batch is one work
+  list of (sequence, block of pages) items, `B` items a loop step, so the
+  steps follow the batch's total length, not B times the longest; each
+  sequence's hot tiers are then folded in as `kvjax.attend` does."""
   del options  # in each query
-  group = max(1, min(block_size // pool.spec.page_size, pool.spec.max_pages_per_seq))
+  spec = views.spec
+  key = _state.store_formats(spec)[0]
+  store_q = jax.vmap(lambda view, query: _attention._prepare_query(
+      key, query.q, _order(view)))(views, queries)
+  stores = _fold_store_items(pool, slots, views, queries, store_q, block_size)
 
-  def one(slot, view, query):
-    fold = functools.partial(_fold_pages, pool, slot, view, query, group)
+  def one(view, query, store):
     return _attention.attend_xla(view, view, None, query, _order(view), block_size,
-                                 fold_store=fold)
+                                 fold_store=lambda state, _: _attention.merge_softmax(state, store))
 
-  return jax.vmap(one)(slots, views, queries)
+  return jax.vmap(one)(views, queries, stores)
+
+
+def _fold_store_items(pool, slots, views, queries, store_q, block_size: int):
+  """Per sequence, the softmax state of its store tokens: `_Softmax` with a
+  leading batch axis, computed over a work list of page blocks."""
+  spec = pool.spec
+  size, b = spec.page_size, slots.shape[0]
+  group = max(1, min(block_size // size, spec.max_pages_per_seq))
+  h, rows, d = queries.q.shape[1:]
+  value = _state.store_formats(views.spec)[1]
+  formats = _state.store_formats(views.spec)
+  store_end = jax.vmap(lambda v: _state.nonsink_count(v) - v.tail_count)(views)
+  items = -(-(-(-store_end // size)) // group)  # [B] page blocks per sequence
+  ends = jnp.cumsum(items)
+  total = ends[-1]
+  empty = _attention.empty_softmax(h, rows, d, value.accumulator_dim(d))
+  states = jax.tree.map(lambda x: jnp.broadcast_to(x, (b,) + x.shape), empty)
+
+  def body(carry):
+    step, states = carry
+    t = step * b + jnp.arange(b, dtype=jnp.int32)
+    owner = jnp.clip(jnp.searchsorted(ends, t, side="right"), 0, b - 1).astype(jnp.int32)
+    block = t - (ends[owner] - items[owner])
+    cols = block[:, None] * group + jnp.arange(group, dtype=jnp.int32)  # [W, g]
+    ids = jnp.clip(pool.page_table[slots[owner][:, None],
+                                   jnp.clip(cols, 0, spec.max_pages_per_seq - 1)],
+                   0, spec.num_pages - 1)
+    take = lambda a: jnp.swapaxes(a[ids], 1, 2).reshape(
+        (b, h, group * size) + a.shape[3:])  # [W, g, H, P, ...] -> [W, H, g * P, ...]
+    keys = jax.tree.map(take, pool.pages_k)
+    values = jax.tree.map(take, pool.pages_v)
+    j = (cols[:, :, None] * size + jnp.arange(size, dtype=jnp.int32)).reshape(b, -1)
+    ok = ((j < store_end[owner][:, None]) & (t < total)[:, None]
+          & (jnp.repeat(cols, size, axis=1) < spec.max_pages_per_seq))
+    mine = lambda tree: jax.tree.map(lambda x: x[owner], tree)
+    folded = jax.vmap(lambda query, sq, k, v, pos, ok: _attention.fold_block(
+        empty, query, formats, sq, k, v, pos, ok, store=True))(
+            mine(queries), mine(store_q), keys, values, spec.sinks + j, ok)
+    return step + 1, _attention.merge_softmax(states, folded, into=owner)
+
+  steps = -(-total // b)
+  _, states = jax.lax.while_loop(lambda c: c[0] < steps, body, (jnp.int32(0), states))
+  return states
 
 
 def _attend_kernel(pool, slots, views, queries, options, block_size):
@@ -130,30 +179,3 @@ def _attend_kernel(pool, slots, views, queries, options, block_size):
       value.kernel_layout(d), value.accumulator_dim(d), page_table=pool.page_table)
   finish = jax.vmap(lambda view, acc: _attention._finish(value, acc, _order(view)))
   return out_hot + finish(views, out_store)
-
-
-def _fold_pages(pool, slot, view, query, group: int, state, store_q):
-  """Folds the store tokens of `slot` into `state`, `group` pages a step."""
-  spec = pool.spec
-  size = spec.page_size
-  store_end = _state.nonsink_count(view) - view.tail_count
-  steps = -(-(-(-store_end // size)) // group)
-  table_row = pool.page_table[slot]
-  formats = _state.store_formats(view.spec)
-  h = spec.num_kv_heads
-
-  def body(carry):
-    i, st = carry
-    cols = i * group + jnp.arange(group, dtype=jnp.int32)
-    ids = jnp.clip(table_row[jnp.clip(cols, 0, spec.max_pages_per_seq - 1)], 0,
-                   spec.num_pages - 1)
-    take = lambda a: jnp.swapaxes(a[ids], 0, 1).reshape((h, group * size) + a.shape[3:])
-    keys = jax.tree.map(take, pool.pages_k)
-    values = jax.tree.map(take, pool.pages_v)
-    j = (cols[:, None] * size + jnp.arange(size, dtype=jnp.int32)).reshape(-1)
-    ok = (j < store_end) & (jnp.repeat(cols, size) < spec.max_pages_per_seq)
-    return i + 1, _attention.fold_block(st, query, formats, store_q, keys, values,
-                                        spec.sinks + j, ok, store=True)
-
-  _, state = jax.lax.while_loop(lambda c: c[0] < steps, body, (jnp.int32(0), state))
-  return state

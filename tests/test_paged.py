@@ -102,10 +102,11 @@ class PoolMachine(RuleBasedStateMachine):
     if self.model.fork(src, dst):
       self.caches[dst] = self.caches[src]
 
-  @rule(seq=st.permutations(range(SPEC.max_seqs)), seed=st.integers(0, 2**32 - 1))
-  def attend(self, seq, seed):
+  @rule(seq=st.permutations(range(SPEC.max_seqs)), seed=st.integers(0, 2**32 - 1),
+        implementation=st.sampled_from([None, "xla"]))
+  def attend(self, seq, seed, implementation):
     q = tokens(seed, (BATCH, 1, 2 * SPEC.num_kv_heads, SPEC.head_dim))
-    assert_attend_matches(self.pool, self.caches, seq[:BATCH], q)
+    assert_attend_matches(self.pool, self.caches, seq[:BATCH], q, implementation)
 
   @rule(s=st.integers(0, SPEC.max_seqs - 1))
   def materialize(self, s):
@@ -246,3 +247,33 @@ def test_traced_bad_slot_ids_are_ignored_and_surfaced():
     paged.check(pool)
   out = jax.jit(paged.attend)(pool, jnp.array([1, 7], jnp.int32), k[:2, :1])
   assert np.all(np.isfinite(out[0])) and np.all(np.isnan(out[1]))
+
+
+def test_a_freed_sequences_nan_never_reaches_the_next_owner_of_its_pages():
+  """NaN and Inf in one sequence make only its own rows non-finite; once it
+  is freed, the sequence that gets its pages (rows past its end still hold
+  the NaN codes) attends as a fresh KVCache does, on both paths."""
+  pool = paged.init(SPEC)
+  k = tokens(1, (2, 6, SPEC.num_kv_heads, SPEC.head_dim))
+  v = tokens(2, k.shape)
+  # Positions 3 and 2 of slot 0: rows 2 and 1 of its first page (one sink).
+  k[0, 3, 1, 3], v[0, 2, 0, 0] = np.nan, np.inf
+  pool = paged.append(pool, np.array([0, 1], np.int32), k, v)
+  q = tokens(3, (2, 1, 2 * SPEC.num_kv_heads, SPEC.head_dim))
+  for implementation in (None, "xla"):
+    out = np.asarray(paged.attend(pool, np.array([0, 1], np.int32), q,
+                                  implementation=implementation))
+    assert np.isnan(out[0]).any() and np.isfinite(out[1]).all()
+  # Slot 2 takes both freed pages (the free list is a stack): slot 0's first
+  # page becomes its second, where only row 0 is rewritten; rows 1 and 2
+  # still hold the Inf and NaN codes, past slot 2's end.
+  first_page = int(np.asarray(pool.page_table)[0, 0])
+  pool = paged.free(pool, np.array([0], np.int32))
+  fresh = kvjax.init(SPEC.cache_spec())
+  x = tokens(4, (1, 6, SPEC.num_kv_heads, SPEC.head_dim))
+  pool = paged.append(pool, np.array([2], np.int32), x, x)
+  fresh = kvjax.append(fresh, x[0], x[0])
+  assert int(np.asarray(pool.page_table)[2, 1]) == first_page
+  for implementation in (None, "xla"):
+    assert_attend_matches(pool, [None, None, fresh], [2], q[:1], implementation)
+  assert_materialize_matches(pool, fresh, 2)
