@@ -191,9 +191,10 @@ class PagedSpec:
       require(1 <= int(value) <= MAX_CAPACITY, name, "must be >= 1 and < 2**31",
               value)
       object.__setattr__(self, name, int(value))
-    require(self.max_pages_per_seq * self.page_size <= MAX_CAPACITY - max(0, int(
-        self.sinks) if _is_int(self.sinks) else 0), "max_pages_per_seq",
-            "times page_size must fit int32 positions", self.max_pages_per_seq)
+    sinks = int(self.sinks) if _is_int(self.sinks) and self.sinks > 0 else 0
+    require(sinks + self.max_pages_per_seq * self.page_size <= MAX_CAPACITY,
+            "max_pages_per_seq", "sinks + max_pages_per_seq * page_size must fit "
+            "int32 positions (< 2**31)", self.max_pages_per_seq)
     if _is_int(self.tail) and self.tail >= 0:
       need = -(-(int(self.tail) + self.page_size) // self.page_size)
       require(self.max_pages_per_seq >= need, "max_pages_per_seq",
