@@ -645,11 +645,19 @@ class SimdRun {
       const char* begin = reinterpret_cast<const char*>(tiers[i]->data +
                                                         next.slot * formats[i]->row_bytes);
       for (int64_t b = 0; b < count * formats[i]->row_bytes; b += 64) Isa::Prefetch(begin + b);
-      if (tiers[i]->scale) {
-        Isa::Prefetch(tiers[i]->scale + next.slot);
-        Isa::Prefetch(tiers[i]->zero + next.slot);
+      for (int t = 0; t < count; t += 16) {  // 16 scales or zeros per line
+        if (tiers[i]->scale) {
+          Isa::Prefetch(tiers[i]->scale + next.slot + t);
+          Isa::Prefetch(tiers[i]->zero + next.slot + t);
+        }
       }
-      if (tiers[i]->norms) Isa::Prefetch(tiers[i]->norms + next.slot * formats[i]->norm_count);
+      if (tiers[i]->norms) {
+        const char* norms = reinterpret_cast<const char*>(tiers[i]->norms +
+                                                          next.slot * formats[i]->norm_count);
+        for (int64_t b = 0; b < 2 * count * formats[i]->norm_count; b += 64) {
+          Isa::Prefetch(norms + b);
+        }
+      }
     }
   }
 
