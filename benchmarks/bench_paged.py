@@ -68,12 +68,12 @@ def retained_bytes(caches) -> int:
 
 def ragged(args, rng):
   lengths = (np.linspace(100, 8000, 16).round().astype(int) if not args.quick
-             else np.array([40, 300, 700, 1000]))
-  capacity = 8192 if not args.quick else 1024
+             else np.array([40, 100, 250, 400]))
+  capacity = 8192 if not args.quick else 512
   max_pages = capacity // PAGE
   pages = int(sum(-(-n // PAGE) for n in lengths)) + len(lengths) * 2
   pspec = pool_spec(pages, len(lengths), max_pages, args.store)
-  pool, caches = fill(lengths, pspec, 512 if not args.quick else 128, rng)
+  pool, caches = fill(lengths, pspec, 512 if not args.quick else 256, rng)
   st = paged.stats(pool)
   in_use = st["pages_in_use_bytes"] + st["hot_buffer_bytes"]
   unpadded = retained_bytes(caches)
@@ -104,7 +104,7 @@ def ragged(args, rng):
 
   pool_step_d = jax.jit(pool_step, donate_argnums=0)
   batch_step_d = jax.jit(batch_step, donate_argnums=0)
-  rounds, steps = (2, 3) if args.quick else (args.rounds, 10)
+  rounds, steps = (1, 2) if args.quick else (args.rounds, 10)
   t = interleaved({
       "pool_attend": (pool_attend(None), None, (pool, q)),
       "padded_attend": (batch_attend(None), None, (caches, q)),
@@ -129,7 +129,7 @@ def ragged(args, rng):
 
 
 def prefix(args, rng):
-  prompt, cont, n = (2000, 200, 16) if not args.quick else (300, 40, 4)
+  prompt, cont, n = (2000, 200, 16) if not args.quick else (150, 40, 3)
   max_pages = -(-(prompt + cont) // PAGE) + 1
   pspec = pool_spec((n + 1) * max_pages, n + 1, max_pages, args.store)
   append = jax.jit(paged.append, donate_argnums=0)
