@@ -12,6 +12,7 @@
 // and +-Inf exactly where the reference does and agree within 2e-5 of each
 // row's largest value elsewhere. Prints one line per variant; exits 1 on a
 // mismatch.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -259,6 +260,68 @@ std::vector<float> Run(Case& c, AttendRunFn run) {
   return out;
 }
 
+// The case's store as kvjax.paged lays it out: pages [pages][heads][slots]
+// of a random size, in shuffled order, read through a page table. Rows no
+// retained token uses hold NaN bytes (never read: select, not multiply).
+struct PagedStore {
+  std::vector<uint8_t> data[2];
+  std::vector<float> scale[2], zero[2];
+  std::vector<uint16_t> norms[2];
+  std::vector<int32_t> table;
+};
+
+std::vector<float> RunPaged(const Case& original, AttendRunFn run, unsigned seed) {
+  Case c = original;  // its views still point at `original`'s buffers
+  std::mt19937 g(seed);
+  PagedStore ps;
+  const int heads = c.problem.heads, ring = c.problem.store_slots;
+  const int64_t end = std::max<int64_t>(c.seq.length - c.problem.sinks, 0);
+  const int64_t store_end = end - c.seq.tail_count;
+  const int size = 1 + static_cast<int>(g() % 16);
+  const int64_t columns = std::max<int64_t>(1, (store_end + size - 1) / size);
+  const int64_t pages = columns + 1 + g() % 3;
+  std::vector<int32_t> order(pages);
+  for (int64_t p = 0; p < pages; ++p) order[p] = static_cast<int32_t>(p);
+  std::shuffle(order.begin(), order.end(), g);
+  ps.table.assign(order.begin(), order.begin() + columns);
+  const TierFormat* formats[2] = {&c.store_key, &c.store_value};
+  const TierView* rings[2] = {&original.seq.store_k, &original.seq.store_v};
+  TierView* views[2] = {&c.seq.store_k, &c.seq.store_v};
+  const int64_t rows = pages * heads * size;
+  for (int i = 0; i < 2; ++i) {
+    const TierFormat& f = *formats[i];
+    ps.data[i].assign(rows * f.row_bytes, 0xFF);
+    ps.scale[i].assign(rows, NAN);
+    ps.zero[i].assign(rows, NAN);
+    ps.norms[i].assign(rows * f.norm_count, 0xFFFF);
+    for (int64_t j = c.seq.evicted; j < store_end; ++j) {
+      const int64_t slot = j % ring, page = ps.table[j / size], at = j % size;
+      for (int h = 0; h < heads; ++h) {
+        const int64_t src = static_cast<int64_t>(h) * ring + slot;
+        const int64_t dst = (page * heads + h) * size + at;
+        std::memcpy(&ps.data[i][dst * f.row_bytes], rings[i]->base.data + src * f.row_bytes,
+                    f.row_bytes);
+        ps.scale[i][dst] = rings[i]->base.scale[src];
+        ps.zero[i][dst] = rings[i]->base.zero[src];
+        for (int n = 0; n < f.norm_count; ++n) {
+          ps.norms[i][dst * f.norm_count + n] = rings[i]->base.norms[src * f.norm_count + n];
+        }
+      }
+    }
+    views[i]->base.data = ps.data[i].data();
+    views[i]->base.scale = ps.scale[i].data();
+    views[i]->base.zero = ps.zero[i].data();
+    views[i]->base.norms = ps.norms[i].data();
+    views[i]->head_slots = size;
+    views[i]->head_bytes = static_cast<int64_t>(size) * f.row_bytes;
+  }
+  c.seq.page_table = ps.table.data();
+  c.problem.page_size = size;
+  c.problem.num_pages = pages;
+  c.problem.max_pages = columns;
+  return Run(c, run);
+}
+
 std::string Num(float x) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.9g", x);
@@ -333,6 +396,18 @@ int main(int argc, char** argv) {
       for (size_t r = 0; r < rows; ++r) scale[r] = std::max(scale[r], store_scale[r]);
       std::string diff = kvjax::Compare(got.data(), want.data(), rows, c.hot.lanes, scale);
       if (diff.empty()) diff = kvjax::Compare(got_store, want_store, rows, c.store_value.lanes, scale);
+      // The same store in pages (kvjax.paged), through the variant and the
+      // scalar reference, against the ring's reference.
+      for (kvjax::AttendRunFn paged_run : {k->attend, &kvjax::scalar::AttendRun}) {
+        if (!diff.empty()) break;
+        const std::vector<float> paged = kvjax::RunPaged(c, paged_run, seed * 7919u + i);
+        diff = kvjax::Compare(paged.data(), want.data(), rows, c.hot.lanes, scale);
+        if (diff.empty()) {
+          diff = kvjax::Compare(paged.data() + rows * c.hot.lanes, want_store, rows,
+                                c.store_value.lanes, scale);
+        }
+        if (!diff.empty()) diff = "paged: " + diff;
+      }
       if (!diff.empty()) {
         if (bad++ == 0) first = "case " + std::to_string(i) + " (" + c.label + "): " + diff;
       }
