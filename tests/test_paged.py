@@ -166,6 +166,18 @@ def test_every_format_equals_its_kvcache(store):
     paged.check(pool)
   for s in range(spec.max_seqs):
     assert_materialize_matches(pool, caches[s], s)
+  # Accounting from the arrays, against the caches' and an independent count.
+  st = paged.stats(pool)
+  want_bits = kvjax.stats(caches[3])["store_bits_per_value"]
+  assert st["store_bits_per_value"] == want_bits
+  assert st["pages_in_use_bytes"] == st["pages_used"] * st["page_bytes"]
+  assert st["allocated_bytes"] == sum(x.nbytes for x in jax.tree.leaves(pool))
+  rows = {(int(p), r) for s in range(spec.max_seqs)
+          for j in range(max(st["length"][s] - spec.sinks, 0))
+          for p, r in [(np.asarray(pool.page_table)[s, j // spec.page_size], j % spec.page_size)]}
+  per_row = 2 * spec.num_kv_heads * spec.head_dim * want_bits / 8
+  assert st["store_bytes"] == len(rows) * per_row
+  assert st["pages_shared"] == int(np.sum(np.asarray(pool.ref_count) > 1)) >= 1
   q = tokens(5, (spec.max_seqs, 2, 2 * spec.num_kv_heads, spec.head_dim))
   # The default (on CPU the kernel through the page tables), and for a few
   # formats the jnp path (its page loop does not depend on the format).
@@ -277,3 +289,29 @@ def test_a_freed_sequences_nan_never_reaches_the_next_owner_of_its_pages():
   for implementation in (None, "xla"):
     assert_attend_matches(pool, [None, None, fresh], [2], q[:1], implementation)
   assert_materialize_matches(pool, fresh, 2)
+
+
+def test_prefix_index_reuses_only_what_the_pool_still_holds():
+  """A lookup finds the longest held prompt that prefixes a request, token
+  for token; after the holder is appended to, freed or refilled, or when the
+  tokens differ inside a page, it finds nothing rather than the wrong KV."""
+  pool = paged.init(SPEC)
+  index = paged.PrefixIndex(SPEC)
+  x = tokens(0, (2, CHUNK, SPEC.num_kv_heads, SPEC.head_dim))
+  pool = paged.append(pool, np.array([0, 1], np.int32), x, x, np.array([6, 4], np.int32))
+  prompt, short = [5, 6, 7, 8, 9, 10], [5, 6, 7, 8]
+  index.insert(pool, prompt, slot=0)
+  index.insert(pool, short, slot=1)
+  with pytest.raises(ValueError, match="slot 0 holds 6 tokens"):
+    index.insert(pool, prompt[:5], slot=0)
+  assert index.lookup(pool, prompt + [1, 2]) == paged.PrefixMatch(0, 6)
+  assert index.lookup(pool, prompt) == paged.PrefixMatch(1, 4)   # a proper prefix only
+  assert index.lookup(pool, [5, 6, 7, 0, 9, 10, 11]) is None    # differs inside a page
+  assert index.lookup(pool, [5, 6, 7, 8, 0]) == paged.PrefixMatch(1, 4)
+  pool = paged.append(pool, np.array([0, 2], np.int32), x, x, np.array([1, 0], np.int32))
+  assert index.lookup(pool, prompt + [1, 2]) == paged.PrefixMatch(1, 4)  # slot 0 grew
+  pool = paged.free(pool, np.array([1], np.int32))
+  pool = paged.append(pool, np.array([1, 2], np.int32), x, x, np.array([4, 0], np.int32))
+  assert index.lookup(pool, [5, 6, 7, 8, 0]) is None  # freed, refilled: another sequence
+  index.remove(1)
+  assert len(index) == 1
