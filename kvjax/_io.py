@@ -7,10 +7,11 @@ needs no new dependency while any safetensors reader (the `safetensors`
 package, MLX, Rust) can open it. Unlike `.npz` (a zip with timestamps), the
 same cache gives the same bytes on every machine: tensors are named by their
 pytree path and written in sorted order, little-endian, and the header is
-canonical JSON. docs/saving.md describes the format (version 1):
+canonical JSON. docs/layers.md ("Saving caches") describes the format (version 1):
 
   __metadata__: {"format": "kvjax", "version": "1", "kind": "KVCache" |
-                 "ModelCache", "specs": JSON [CacheSpec fields, one per run],
+                 "ModelCache" | "PagedCache", "specs": JSON [CacheSpec fields,
+                 one per run; a PagedCache: its PagedSpec fields],
                  "run_layers": JSON [layers per run] (ModelCache),
                  "batch": JSON batch shape, "sha256": hex digest,
                  "user.<key>": the caller's metadata}
@@ -34,8 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import _layers
+from kvjax import _pool
 from kvjax import _state
 from kvjax._spec import CacheSpec
+from kvjax._spec import PagedSpec
 from kvjax._state import KVCache
 
 FORMAT = "kvjax"
@@ -58,11 +61,11 @@ def _spec_to_json(spec: CacheSpec) -> dict:
   return fields
 
 
-def _spec_from_json(fields: dict) -> CacheSpec:
+def _spec_from_json(fields: dict, cls=CacheSpec):
   fields = dict(fields)
   if isinstance(fields.get("store"), list):
     fields["store"] = tuple(fields["store"])
-  return CacheSpec(**fields)
+  return cls(**fields)
 
 
 def _describe(cache):
@@ -72,14 +75,18 @@ def _describe(cache):
   if isinstance(cache, _layers.ModelCache):
     return ("ModelCache", [run.spec for run in cache.runs], list(cache.run_layers),
             tuple(cache.runs[0].length.shape[:-1]))
-  raise ValueError(f"cache: expected a kvjax.KVCache or kvjax.ModelCache, got "
-                   f"{type(cache).__name__}")
+  if isinstance(cache, _pool.PagedCache):
+    return "PagedCache", [cache.spec], None, ()
+  raise ValueError(f"cache: expected a kvjax.KVCache, kvjax.ModelCache or "
+                   f"kvjax.paged.PagedCache, got {type(cache).__name__}")
 
 
 def _template(kind, specs, run_layers, batch):
   """Shapes and dtypes of every leaf of such a cache (nothing allocated)."""
   if kind == "KVCache":
     make = lambda: _state.init(specs[0], batch=batch if batch else None)
+  elif kind == "PagedCache":
+    make = lambda: _pool.init(specs[0])
   else:
     def make():
       runs = tuple(_state.init(spec, batch=(*batch, n))
@@ -110,13 +117,15 @@ def _digest(header: dict, blobs) -> str:
 
 
 def save(path, cache, *, metadata=None) -> None:
-  """Writes `cache` to `path` (a safetensors file; see docs/saving.md).
+  """Writes `cache` to `path` (a safetensors file; see docs/layers.md, "Saving caches").
 
   Args:
     path: a file path (str or os.PathLike); overwritten if it exists. Written
       to a temporary file first and renamed, so a crash never leaves half a
       file under `path`.
-    cache: a `KVCache` (one, a batch or a layer stack) or a `ModelCache`.
+    cache: a `KVCache` (one, a batch or a layer stack), a `ModelCache` or
+      a paged pool (`kvjax.paged.PagedCache`: pages, page tables, free list
+      and reference counts, all of it).
     metadata: optional `{str: str}` kept with the cache (under the checksum),
       e.g. which model and prompt it holds; `load(..., metadata=)` checks it.
 
@@ -192,7 +201,7 @@ def load(path, spec=None, *, metadata=None):
   Args:
     path: the file.
     spec: optional: the `CacheSpec` the cache must have (for a `ModelCache`,
-      a sequence with one spec per layer). A file with another spec is an
+      a sequence with one spec per layer; for a pool, its `PagedSpec`). A file with another spec is an
       error naming the fields that differ.
     metadata: optional `{str: str}` that the file's `save(..., metadata=)`
       must include (e.g. the prompt's hash: a cache of another prompt is an
@@ -229,7 +238,8 @@ def load(path, spec=None, *, metadata=None):
     _fail(path, "checksum mismatch: the file was altered or damaged")
   try:
     kind = meta["kind"]
-    specs = [_spec_from_json(s) for s in json.loads(meta["specs"])]
+    cls = PagedSpec if kind == "PagedCache" else CacheSpec
+    specs = [_spec_from_json(s, cls) for s in json.loads(meta["specs"])]
     batch = tuple(json.loads(meta["batch"]))
     run_layers = json.loads(meta["run_layers"]) if kind == "ModelCache" else None
   except (KeyError, TypeError, ValueError) as e:
@@ -263,9 +273,10 @@ def load(path, spec=None, *, metadata=None):
 
 
 def _check_spec(path, kind, specs, run_layers, spec):
-  if kind == "KVCache":
-    if not isinstance(spec, CacheSpec):
-      raise ValueError(f"spec: this file holds a KVCache; expected a kvjax.CacheSpec, "
+  if kind in ("KVCache", "PagedCache"):
+    want = PagedSpec if kind == "PagedCache" else CacheSpec
+    if not isinstance(spec, want):
+      raise ValueError(f"spec: this file holds a {kind}; expected a kvjax.{want.__name__}, "
                        f"got {type(spec).__name__}")
     _compare(path, specs[0], spec, "")
     return
@@ -284,7 +295,7 @@ def _compare(path, have: CacheSpec, want: CacheSpec, where: str):
   if have == want:
     return
   diff = [f"{f.name}={getattr(have, f.name)!r} (spec= has {getattr(want, f.name)!r})"
-          for f in dataclasses.fields(CacheSpec) if getattr(have, f.name) != getattr(want, f.name)]
+          for f in dataclasses.fields(have) if getattr(have, f.name) != getattr(want, f.name)]
   _fail(path, f"{where}the file's spec differs from spec=: {', '.join(diff)}")
 
 
