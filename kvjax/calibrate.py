@@ -45,7 +45,8 @@ from kvjax.models import llama
 CANDIDATES = ("f32", "bf16", "q8", "q4", "turbo4", "turbo3.5", "turbo3", "turbo2.5",
               "turbo2", "turbo1")
 DEFAULT_TEXT = str(pathlib.Path(__file__).resolve().parent / "data" / "calibration.txt")
-POLICY_VERSION = 1
+POLICY_VERSION = llama.POLICY_VERSION
+policy_specs = llama.policy_specs  # a policy read back into specs (the demo uses it too)
 
 
 def bits_per_value(fmt: str, head_dim: int) -> float:
@@ -157,17 +158,6 @@ def choose(errors, bits, budget, quantum=1 / 256):
     chosen[side, layer] = f
     total -= cost[f]
   return [tuple(chosen[s, l] for s in sides) for l in range(layers)]
-
-
-def policy_specs(policy: dict, config, **spec_kwargs):
-  """One `CacheSpec` per layer from a policy (as `calibrate` writes it)."""
-  if policy.get("version") != POLICY_VERSION or "layers" not in policy:
-    raise ValueError(f"policy: expected version {POLICY_VERSION} with 'layers'")
-  layers = policy["layers"]
-  if len(layers) != config.n_layers:
-    raise ValueError(f"policy: {len(layers)} layers, the model has {config.n_layers}")
-  return [llama.cache_spec(config, store=(layer["keys"], layer["values"]), **spec_kwargs)
-          for layer in layers]
 
 
 def cache_kl(work_params, config, tokens, specs_by_name, chunk=128):

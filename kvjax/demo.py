@@ -162,9 +162,8 @@ def spec_for(work: Workload, store: str, args) -> list:
   geometry = dict(capacity=args.capacity or total, tail=args.tail,
                   migrate_batch=args.migrate_batch, sinks=args.sinks)
   if store == POLICY_ROW:
-    from kvjax import calibrate
-    return calibrate.policy_specs(args.policy_data, work.config, hot_dtype=args.hot_dtype,
-                                  **geometry)
+    return llama.policy_specs(args.policy_data, work.config, hot_dtype=args.hot_dtype,
+                              **geometry)
   hot = "float32" if store == REFERENCE_FORMAT else args.hot_dtype
   return [llama.cache_spec(work.config, hot_dtype=hot, store=store, **geometry)
           ] * work.config.n_layers

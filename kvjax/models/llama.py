@@ -203,3 +203,20 @@ def attention_inputs_per_layer(params, config: LlamaConfig, tokens):
   x = params["embed"][tokens].astype(jnp.float32)
   _, (q, k, v) = jax.lax.scan(layer, x, params["layers"])
   return q, k, v
+
+
+# Per-layer formats chosen by `kvjax.calibrate` (docs/layers.md).
+POLICY_VERSION = 1
+
+
+def policy_specs(policy: dict, config, **spec_kwargs):
+  """One `CacheSpec` per layer from a policy file's contents (as `python -m
+  kvjax calibrate` writes it: `{"version": 1, "layers": [{"keys": fmt,
+  "values": fmt}, ...]}`)."""
+  if policy.get("version") != POLICY_VERSION or "layers" not in policy:
+    raise ValueError(f"policy: expected version {POLICY_VERSION} with 'layers'")
+  layers = policy["layers"]
+  if len(layers) != config.n_layers:
+    raise ValueError(f"policy: {len(layers)} layers, the model has {config.n_layers}")
+  return [cache_spec(config, store=(layer["keys"], layer["values"]), **spec_kwargs)
+          for layer in layers]
