@@ -92,12 +92,10 @@ def ragged(args, rng):
     f = jax.jit(jax.vmap(lambda c, q: kvjax.attend(c, q, implementation=impl)))
     return lambda _, c, q: f(c, q)
 
-  @jax.jit
   def pool_step(p, x, q):
     p = paged.append(p, seq, x, x)
     return p, paged.attend(p, seq, q)
 
-  @jax.jit
   def batch_step(c, x, q):
     c = jax.vmap(kvjax.append)(c, x, x)
     return c, jax.vmap(kvjax.attend)(c, q)

@@ -28,7 +28,6 @@ them by reference count; the page still being filled is copied.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax

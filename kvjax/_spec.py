@@ -215,15 +215,8 @@ class PagedSpec:
                      hot_dtype=self.hot_dtype, store=self.store, overflow="error")
 
   @property
-  def key_store(self) -> str:
-    return self.cache_spec().key_store
-
-  @property
-  def value_store(self) -> str:
-    return self.cache_spec().value_store
-
-  @property
   def store_name(self) -> str:
+    """The store format as one name, as `CacheSpec.store_name`."""
     return self.cache_spec().store_name
 
   @property
