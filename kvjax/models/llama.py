@@ -154,33 +154,40 @@ def forward(params, config: LlamaConfig, caches, tokens, n_valid=None):
   return _logits(config, params, x), caches
 
 
-def forward_without_cache(params, config: LlamaConfig, tokens, kv_override=None):
+def forward_without_cache(params, config: LlamaConfig, tokens, store=None, exact=None):
   """Logits for every prefix of `tokens: [n]`, with full causal attention.
 
-  `kv_override`: optional `(k, v, use_k, use_v)`, `k, v: [L, n, H, D]` and
-  bool `[L]`: layer `l` attends over `k[l]` instead of its own keys where
-  `use_k[l]` (values likewise), e.g. one layer's keys through a store format
-  (`kvjax.calibrate` measures each layer's effect on next-token KL so)."""
+  `store`: optional `(fn, xs)`, `xs` a pytree with a leading axis of one
+  entry per layer: layer `l` attends over `fn(k, v, xs[l]) -> (k', v')`
+  (`[n, H, D]` each, e.g. its keys and values through store formats, as a
+  cache would hold them: `kvjax.calibrate` measures formats' effects on
+  next-token KL so). `exact: [n, n]` bool marks the pairs (query, key) that
+  still read the layer's own keys and values (a cache's sinks and hot
+  tail)."""
   n = tokens.shape[0]
   pos = jnp.arange(n, dtype=jnp.int32)
   causal = pos[None, :] <= pos[:, None]
-  if kv_override is None:
-    shape = (config.n_layers, 1, 1, 1)
-    off = jnp.zeros(config.n_layers, bool)
-    kv_override = (jnp.zeros(shape), jnp.zeros(shape), off, off)
+  fn, xs = store if store is not None else (lambda k, v, _: (k, v), None)
 
-  def layer(x, xs):
-    p, k_alt, v_alt, use_k, use_v = xs
+  def layer(x, layer_xs):
+    p, store_xs = layer_xs
     q, k, v = _attention_inputs(config, p, x, pos)
-    k, v = jnp.where(use_k, k_alt, k), jnp.where(use_v, v_alt, v)
+    k_store, v_store = fn(k, v, store_xs)
     group = q.shape[1] // k.shape[1]
-    k, v = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)
-    s = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[-1])
-    probs = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
-    return _block_output(config, p, x, jnp.einsum("hqk,khd->qhd", probs, v)), None
+    repeat = lambda a: jnp.repeat(a, group, axis=1)
+    scores = lambda keys: jnp.einsum("qhd,khd->hqk", q, repeat(keys)) / math.sqrt(q.shape[-1])
+    mix = lambda probs, values: jnp.einsum("hqk,khd->qhd", probs, repeat(values))
+    if exact is None:
+      probs = jax.nn.softmax(jnp.where(causal, scores(k_store), -jnp.inf), axis=-1)
+      out = mix(probs, v_store)
+    else:
+      s = jnp.where(exact, scores(k), scores(k_store))
+      probs = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
+      out = mix(jnp.where(exact, probs, 0.0), v) + mix(jnp.where(exact, 0.0, probs), v_store)
+    return _block_output(config, p, x, out), None
 
   x = params["embed"][tokens].astype(jnp.float32)
-  x, _ = jax.lax.scan(layer, x, (params["layers"], *kv_override))
+  x, _ = jax.lax.scan(layer, x, (params["layers"], xs))
   return _logits(config, params, x)
 
 
