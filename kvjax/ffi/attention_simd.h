@@ -203,11 +203,9 @@ struct BlockState {
 // for the tokens kAhead later (K and V rows, scales, norms), spread over
 // the block rather than in bursts that fill every line-fill buffer.
 constexpr int kAhead = 2 * kBlock;
-KVJAX_INLINE void PrefetchTokens(const RunArgs& a, int64_t slot, int count) {
-  // Within the run only (a paged run's next page is elsewhere: the hardware
-  // prefetchers follow a page's rows).
-  if (a.page_size > 0 || slot + count > a.first_slot + a.count) return;
-  const TierData* tiers[2] = {&a.k, &a.v};
+KVJAX_INLINE void PrefetchRows(const RunArgs& a, const TierData& k, const TierData& v,
+                               int64_t slot, int64_t count) {
+  const TierData* tiers[2] = {&k, &v};
   const TierFormat* formats[2] = {a.key_format, a.value_format};
   for (int i = 0; i < 2; ++i) {
     const TierData* d = tiers[i];
@@ -219,6 +217,19 @@ KVJAX_INLINE void PrefetchTokens(const RunArgs& a, int64_t slot, int count) {
       Isa::Prefetch(d->zero + slot);
     }
     if (d->norms && slot % 16 == 0) Isa::Prefetch(d->norms + slot * formats[i]->norm_count);
+  }
+}
+
+// `count` tokens from run index `t` (ring slot `slot`), if in the run: a
+// paged run finds them in their page.
+KVJAX_INLINE void PrefetchTokens(const RunArgs& a, int64_t t, int64_t slot, int count) {
+  if (t + count > a.count) return;
+  if (a.page_size > 0) {
+    const TokenPlace place = Locate(a, t);
+    PrefetchRows(a, place.k, place.v, place.slot,
+                 place.contiguous < count ? place.contiguous : count);
+  } else {
+    PrefetchRows(a, a.k, a.v, slot, count);
   }
 }
 
@@ -249,16 +260,17 @@ class KeyPass {
   int segments() const { return kKind == ValueKind::kLut ? plan_.f->num_segments : 1; }
 
   // scores[s][r][t] = q_r . k_t (segment s's dots) for every row and token.
-  void Scores(const BlockState& st, int64_t slot0, int n) {
+  // `t0`: the block's index in the run (for prefetching ahead).
+  void Scores(const BlockState& st, int64_t t0, int64_t slot0, int n) {
     plan_.Factors(a_.k, slot0, n, factors_);
     // Tiles of 4 rows (a GQA group of 4, or 4 queries), the rest in one
     // tile of 3, 2 or 1: each decoded key chunk serves every row of a tile.
     int r0 = 0;
-    for (; r0 + 4 <= rows_; r0 += 4) ScoreTile<4>(st, r0, slot0, n);
+    for (; r0 + 4 <= rows_; r0 += 4) ScoreTile<4>(st, r0, t0, slot0, n);
     switch (rows_ - r0) {
-      case 3: ScoreTile<3>(st, r0, slot0, n); break;
-      case 2: ScoreTile<2>(st, r0, slot0, n); break;
-      case 1: ScoreTile<1>(st, r0, slot0, n); break;
+      case 3: ScoreTile<3>(st, r0, t0, slot0, n); break;
+      case 2: ScoreTile<2>(st, r0, t0, slot0, n); break;
+      case 1: ScoreTile<1>(st, r0, t0, slot0, n); break;
       default: break;
     }
   }
@@ -283,7 +295,7 @@ class KeyPass {
 
  private:
   template <int kRows>
-  void ScoreTile(const BlockState& st, int r0, int64_t slot0, int n) {
+  void ScoreTile(const BlockState& st, int r0, int64_t t0, int64_t slot0, int n) {
     bool needed = false;
     for (int i = 0; i < kRows; ++i) needed = needed || st.row[r0 + i].active;
     if (!needed) return;
@@ -291,7 +303,7 @@ class KeyPass {
     const int lanes = plan_.lanes;
     for (int tt = 0; tt < n; tt += kTokens) {
       int64_t slot[kTokens];
-      if (r0 == 0) PrefetchTokens(a_, slot0 + tt + kAhead, kTokens);
+      if (r0 == 0) PrefetchTokens(a_, t0 + tt + kAhead, slot0 + tt + kAhead, kTokens);
 #pragma GCC unroll 16
       for (int j = 0; j < kTokens; ++j) slot[j] = slot0 + (tt + j < n ? tt + j : n - 1);
       // (A token past the end is a repeat of the last one, its dots unused.)
@@ -627,7 +639,6 @@ class SimdRun {
       args_.k = place.k;
       args_.v = place.v;
       const int n = place.contiguous < kBlock ? static_cast<int>(place.contiguous) : kBlock;
-      if (a_.page_size > 0 && t0 + n < a_.count) PrefetchPage(Locate(a_, t0 + n));
       Block(t0, n, place.slot);
       t0 += n;
     }
@@ -635,32 +646,6 @@ class SimdRun {
   }
 
  private:
-  // The next block of a paged run, in another page: its rows one block
-  // ahead (within a page, tokens are contiguous and PrefetchTokens is off).
-  void PrefetchPage(const TokenPlace& next) {
-    const int count = next.contiguous < kBlock ? static_cast<int>(next.contiguous) : kBlock;
-    const TierData* tiers[2] = {&next.k, &next.v};
-    const TierFormat* formats[2] = {a_.key_format, a_.value_format};
-    for (int i = 0; i < 2; ++i) {
-      const char* begin = reinterpret_cast<const char*>(tiers[i]->data +
-                                                        next.slot * formats[i]->row_bytes);
-      for (int64_t b = 0; b < count * formats[i]->row_bytes; b += 64) Isa::Prefetch(begin + b);
-      for (int t = 0; t < count; t += 16) {  // 16 scales or zeros per line
-        if (tiers[i]->scale) {
-          Isa::Prefetch(tiers[i]->scale + next.slot + t);
-          Isa::Prefetch(tiers[i]->zero + next.slot + t);
-        }
-      }
-      if (tiers[i]->norms) {
-        const char* norms = reinterpret_cast<const char*>(tiers[i]->norms +
-                                                          next.slot * formats[i]->norm_count);
-        for (int64_t b = 0; b < 2 * count * formats[i]->norm_count; b += 64) {
-          Isa::Prefetch(norms + b);
-        }
-      }
-    }
-  }
-
   void Block(int64_t t0, int n, int64_t slot0) {
     bool any = false;
     for (int r = 0; r < rows_; ++r) {
@@ -677,7 +662,7 @@ class SimdRun {
       any = any || row.active;
     }
     if (!any) return;
-    keys_.Scores(st_, slot0, n);
+    keys_.Scores(st_, t0, slot0, n);
     values_.Factors(slot0, n);
     Softmax(slot0, n);
     values_.Values(st_, slot0, n);
