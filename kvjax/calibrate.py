@@ -289,8 +289,7 @@ def cache_kl(work_params, config, tokens, specs_by_name, chunk=128):
     logp = logits_of(specs)
     if reference is None:
       reference = logp
-    p = np.exp(reference)
-    results[name] = float(np.mean(np.sum(p * (reference - logp), -1)))
+    results[name] = float(_divergence(reference, logp))
   return results
 
 

@@ -4,10 +4,9 @@ bits, the policy file, and the demo's policy row."""
 import itertools
 import json
 
+import jax
 import numpy as np
 import pytest
-
-import jax
 
 from kvjax import calibrate
 from kvjax import demo
@@ -115,12 +114,10 @@ def test_refine_stays_within_budget_and_never_keeps_a_worse_measured_kl():
   layers, formats = 3, list(BITS)
   scale = {"keys": rng.uniform(1, 10, layers), "values": rng.uniform(0.1, 2, layers)}
   errors = {s: {f: list(scale[s] * 2.0 ** -b) for f, b in BITS.items()} for s in scale}
-  calls = []
 
   def kl(key_index, value_index):  # not additive: a saturating sum
     total = sum(errors["keys"][formats[i]][l] + errors["values"][formats[j]][l]
                 for l, (i, j) in enumerate(zip(key_index, value_index)))
-    calls.append(1)
     return total / (1 + 0.5 * total)
 
   start = [("turbo3", "turbo3")] * layers  # 3.5 bits: a poor start under 5.0

@@ -4,7 +4,6 @@ allocation model in `pool_model.py` and against `KVCache`s fed the same
 tokens; every store format's equivalence; in-place operation under
 donation; argument errors."""
 
-
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
