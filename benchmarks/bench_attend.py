@@ -99,7 +99,7 @@ def main():
   p.add_argument("--rounds", type=int, default=5)
   args = p.parse_args()
   contexts = ([int(c) for c in args.contexts.split(",")] if args.contexts
-              else [1024, 2048] if args.quick else list(ALL_CONTEXTS))
+              else [1024] if args.quick else list(ALL_CONTEXTS))
   formats = (args.formats.split(",") if args.formats
              else ["q4", "turbo3.5"] if args.quick else list(_formats.FORMATS))
   rounds, steps = (2, 3) if args.quick else (args.rounds, 10)

@@ -29,7 +29,7 @@ HOT = ("float32", "bfloat16", "float16")
 
 @functools.lru_cache(maxsize=None)
 def filled(store, *, head_dim, hot_dtype, capacity=160, tail=8, migrate_batch=8,
-           sinks=2, heads=2, n=300, evict=0, seed=0):
+           sinks=2, heads=2, n=300, evict=0, seed=0) -> kvjax.KVCache:
   """A cache whose store ring has wrapped (n > capacity), keys with an offset
   and a large channel as real keys have."""
   spec = kvjax.CacheSpec(num_kv_heads=heads, head_dim=head_dim, capacity=capacity,
@@ -39,11 +39,13 @@ def filled(store, *, head_dim, hot_dtype, capacity=160, tail=8, migrate_batch=8,
   k = rng.normal(size=(n, heads, head_dim)).astype(np.float32) + 0.5
   k[..., 3] *= 6
   v = rng.normal(size=(n, heads, head_dim)).astype(np.float32)
-  return kvjax.evict(kvjax.append(kvjax.init(spec), k, v), evict)
+  # One program (one compile) per spec.
+  return jax.jit(lambda k, v: kvjax.evict(kvjax.append(kvjax.init(spec), k, v), evict))(k, v)
 
 
-def reference_attend(cache, q, q_pos, **kw):
-  k, v, pos, valid = (np.asarray(a) for a in kvjax.materialize(cache))
+def reference_attend(cache, q, q_pos, *, materialized=None, **kw):
+  """float64 attention over `materialize(cache)` (or its given result)."""
+  k, v, pos, valid = (np.asarray(a) for a in materialized or kvjax.materialize(cache))
   return reference.attention(q, k, v, pos, valid, np.asarray(q_pos), **kw)
 
 
@@ -77,21 +79,30 @@ CASES = ([(store, 64) for store in _formats.FORMATS] +
           (("turbo3.5", "f16"), 64), (("q8", "turbo2p"), 64), (("turbo1p", "q4"), 16)])
 
 
-def cases(pairs=CASES):
-  """(name, cache, q, q_pos, kwargs) for each (store, head_dim), hot dtypes
-  in turn."""
+def case_groups(pairs=CASES):
+  """For each (store, head_dim), hot dtypes in turn: a list of (name, cache,
+  q, q_pos, kwargs), one per option, all on the same cache."""
   for i, (store, d) in enumerate(pairs):
     hot = HOT[i % 3]
     cache = filled(store, head_dim=d, hot_dtype=hot, evict=5 * (i % 4), seed=i)
-    length = kvjax.stats(cache)["length"]
+    length = int(cache.length)
     rng = np.random.default_rng(100 + i)
-    for n_q, group, window, softcap, scale in OPTIONS:
-      q = rng.normal(size=(n_q, 2 * group, d)).astype(np.float32)
+    group = []
+    for n_q, heads_per_kv, window, softcap, scale in OPTIONS:
+      q = rng.normal(size=(n_q, 2 * heads_per_kv, d)).astype(np.float32)
       q_pos = np.sort(rng.integers(length - 60, length, n_q)).astype(np.int32)
       kw = {k: v for k, v in dict(window=window, softcap=softcap, scale=scale).items()
             if v is not None}
       name = store if isinstance(store, str) else "/".join(store)
-      yield (f"{name}/D{d}/{hot}/nq{n_q}/g{group}/{sorted(kw)}", cache, q, q_pos, kw)
+      group.append((f"{name}/D{d}/{hot}/nq{n_q}/g{heads_per_kv}/{sorted(kw)}",
+                    cache, q, q_pos, kw))
+    yield group
+
+
+def cases(pairs=CASES):
+  """(name, cache, q, q_pos, kwargs): `case_groups`, one option at a time."""
+  for group in case_groups(pairs):
+    yield from group
 
 
 _ATTEND = jax.jit(lambda c, q, p, w, s, sc, impl: kvjax.attend(
@@ -105,11 +116,29 @@ def attend(cache, q, q_pos, kw, impl):
                  kw.get("scale"), impl=impl)
 
 
-def errors(impl="ffi", **kw) -> dict:
+@functools.partial(jax.jit, static_argnames="impl")
+def _materialize_and_attend(cache, queries, impl):
+  return kvjax.materialize(cache), [
+      kvjax.attend(cache, q, q_pos=p, window=w, softcap=s, scale=sc, implementation=impl)
+      for q, p, w, s, sc in queries]
+
+
+def materialize_and_attend(group, impl):
+  """`materialize` of a case group's cache and every option's attend, in one
+  program: one compile per cache instead of six (which options are None is
+  static, their values traced)."""
+  return _materialize_and_attend(
+      group[0][1], [(q, p, kw.get("window"), kw.get("softcap"), kw.get("scale"))
+                    for _, _, q, p, kw in group], impl=impl)
+
+
+def errors(impl="ffi", pairs=CASES) -> dict:
   out = {}
-  for name, cache, q, q_pos, options in cases(**kw):
-    want = reference_attend(cache, q, q_pos, **options)
-    out[name] = relative_error(attend(cache, q, q_pos, options, impl), want)
+  for group in case_groups(pairs):
+    materialized, got = materialize_and_attend(group, impl)
+    for (name, cache, q, q_pos, options), result in zip(group, got):
+      want = reference_attend(cache, q, q_pos, materialized=materialized, **options)
+      out[name] = relative_error(result, want)
   return out
 
 

@@ -54,7 +54,8 @@ def test_calibrate_writes_a_policy_the_demo_runs(tmp_path, capsys):
   out = tmp_path / "policy.json"
   assert calibrate.main(["--bits", "4.0", "--model", "random", "--tokens", "48",
                          "--candidates", "q8,q4,turbo3,turbo2", "--compare", "turbo3",
-                         "--tail", "8", "--migrate-batch", "4", "--out", str(out)]) == 0
+                         "--tail", "8", "--migrate-batch", "4", "--refine", "0",
+                         "--out", str(out)]) == 0
   policy = json.loads(out.read_text())
   assert policy["version"] == 1 and len(policy["layers"]) == 4
   chosen = [f for layer in policy["layers"] for f in (layer["keys"], layer["values"])]
