@@ -16,6 +16,8 @@ from kvjax._layers import layer_runs
 from kvjax._layers import length
 from kvjax._ops import dequantize
 from kvjax._ops import quantize
+from kvjax._sharding import cache_sharding
+from kvjax._sharding import shard
 from kvjax._spec import CacheSpec
 from kvjax._spec import PagedSpec
 from kvjax._state import KVCache
@@ -49,6 +51,7 @@ __all__ = (
     "append",
     "attend",
     "backend_info",
+    "cache_sharding",
     "check",
     "clear",
     "dequantize",
@@ -63,5 +66,6 @@ __all__ = (
     "migrate",
     "quantize",
     "save",
+    "shard",
     "stats",
 )

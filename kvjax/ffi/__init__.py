@@ -17,6 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.ffi._per_shard import Axes
+from kvjax.ffi._per_shard import per_shard
+
 
 @dataclasses.dataclass(frozen=True)
 class Status:
@@ -69,32 +72,39 @@ def _load() -> Status:
 def affine_encode(x: jax.Array, bits: int):
   """q8 / q4 encode of float32 `x: [..., D]` by the C++ kernels."""
   _require_loaded()
-  lead, d = x.shape[:-1], x.shape[-1]
-  out_types = (jax.ShapeDtypeStruct((*lead, d * bits // 8), jnp.uint8),
-               jax.ShapeDtypeStruct(lead, jnp.float32),
-               jax.ShapeDtypeStruct(lead, jnp.float32))
-  call = jax.ffi.ffi_call(f"kvjax_q{bits}_encode", out_types,
-                          vmap_method="expand_dims")
-  return call(x.astype(jnp.float32))
+
+  def call(x):
+    lead, d = x.shape[:-1], x.shape[-1]
+    out_types = (jax.ShapeDtypeStruct((*lead, d * bits // 8), jnp.uint8),
+                 jax.ShapeDtypeStruct(lead, jnp.float32),
+                 jax.ShapeDtypeStruct(lead, jnp.float32))
+    return jax.ffi.ffi_call(f"kvjax_q{bits}_encode", out_types,
+                            vmap_method="expand_dims")(x)
+
+  every_group = Axes(batch=x.ndim - 1)
+  return per_shard(call, (x.astype(jnp.float32),), (every_group,), (every_group,) * 3)
 
 
 def affine_decode(codes: jax.Array, scale: jax.Array, zero: jax.Array,
                   bits: int) -> jax.Array:
   """The inverse: float32 `[..., D]` from codes, scale and zero."""
   _require_loaded()
-  lead = np.broadcast_shapes(codes.shape[:-1], scale.shape, zero.shape)
-  out_type = jax.ShapeDtypeStruct((*lead, codes.shape[-1] * 8 // bits),
-                                  jnp.float32)
   codes, scale, zero = (jnp.asarray(a) for a in (codes, scale, zero))
   # The handler broadcasts size-1 leading axes (vmap's "expand_dims"); give
   # every operand the output's rank.
-  rank = len(lead)
+  rank = len(np.broadcast_shapes(codes.shape[:-1], scale.shape, zero.shape))
   codes, scale, zero = (_with_rank(codes, rank + 1), _with_rank(scale, rank),
                         _with_rank(zero, rank))
-  call = jax.ffi.ffi_call(f"kvjax_q{bits}_decode", out_type,
-                          vmap_method="expand_dims")
-  return call(codes.astype(jnp.uint8), scale.astype(jnp.float32),
-              zero.astype(jnp.float32))
+
+  def call(codes, scale, zero):
+    lead = np.broadcast_shapes(codes.shape[:-1], scale.shape, zero.shape)
+    out_type = jax.ShapeDtypeStruct((*lead, codes.shape[-1] * 8 // bits), jnp.float32)
+    return (jax.ffi.ffi_call(f"kvjax_q{bits}_decode", out_type,
+                             vmap_method="expand_dims")(codes, scale, zero),)
+
+  every_group = Axes(batch=rank)
+  return per_shard(call, (codes.astype(jnp.uint8), scale.astype(jnp.float32),
+                          zero.astype(jnp.float32)), (every_group,) * 3, (every_group,))[0]
 
 
 def _with_rank(a: jax.Array, rank: int) -> jax.Array:
@@ -118,14 +128,20 @@ def turbo_encode(x: jax.Array, order, tables: np.ndarray, bits, prod: bool,
   norms uint16 `[..., norm_count]`).
   """
   _require_loaded()
-  lead = x.shape[:-1]
-  out_types = (jax.ShapeDtypeStruct((*lead, code_bytes), jnp.uint8),
-               jax.ShapeDtypeStruct((*lead, norm_count), jnp.uint16))
   order_operand = (jnp.zeros((1,) * x.ndim, jnp.int32) if order is None
                    else _with_rank(jnp.asarray(order, jnp.int32), x.ndim))
-  call = jax.ffi.ffi_call("kvjax_turbo_encode", out_types, vmap_method="expand_dims")
-  return call(x.astype(jnp.float32), order_operand, jnp.asarray(tables, jnp.float32),
-              **_turbo_attrs(bits, prod, order))
+
+  def call(x, order_operand, tables):
+    lead = x.shape[:-1]
+    out_types = (jax.ShapeDtypeStruct((*lead, code_bytes), jnp.uint8),
+                 jax.ShapeDtypeStruct((*lead, norm_count), jnp.uint16))
+    return jax.ffi.ffi_call("kvjax_turbo_encode", out_types, vmap_method="expand_dims")(
+        x, order_operand, tables, **_turbo_attrs(bits, prod, order))
+
+  every_group = Axes(batch=x.ndim - 1)
+  return per_shard(call, (x.astype(jnp.float32), order_operand,
+                          jnp.asarray(tables, jnp.float32)),
+                   (every_group, every_group, Axes()), (every_group,) * 2)
 
 
 def turbo_decode(codes: jax.Array, norms: jax.Array, order, tables: np.ndarray,
@@ -134,15 +150,20 @@ def turbo_decode(codes: jax.Array, norms: jax.Array, order, tables: np.ndarray,
   back at `order[c]`."""
   _require_loaded()
   codes, norms = jnp.asarray(codes, jnp.uint8), jnp.asarray(norms, jnp.uint16)
-  lead = np.broadcast_shapes(codes.shape[:-1], norms.shape[:-1])
-  rank = len(lead) + 1
+  rank = len(np.broadcast_shapes(codes.shape[:-1], norms.shape[:-1])) + 1
   order_operand = (jnp.zeros((1,) * rank, jnp.int32) if order is None
                    else _with_rank(jnp.asarray(order, jnp.int32), rank))
-  call = jax.ffi.ffi_call("kvjax_turbo_decode",
-                          jax.ShapeDtypeStruct((*lead, head_dim), jnp.float32),
-                          vmap_method="expand_dims")
-  return call(_with_rank(codes, rank), _with_rank(norms, rank), order_operand,
-              jnp.asarray(tables, jnp.float32), **_turbo_attrs(bits, prod, order))
+
+  def call(codes, norms, order_operand, tables):
+    lead = np.broadcast_shapes(codes.shape[:-1], norms.shape[:-1], order_operand.shape[:-1])
+    out_type = jax.ShapeDtypeStruct((*lead, head_dim), jnp.float32)
+    return (jax.ffi.ffi_call("kvjax_turbo_decode", out_type, vmap_method="expand_dims")(
+        codes, norms, order_operand, tables, **_turbo_attrs(bits, prod, order)),)
+
+  every_group = Axes(batch=rank - 1)
+  return per_shard(call, (_with_rank(codes, rank), _with_rank(norms, rank), order_operand,
+                          jnp.asarray(tables, jnp.float32)),
+                   (every_group,) * 3 + (Axes(),), (every_group,))[0]
 
 
 def turbo_order(token: jax.Array, choose: jax.Array, previous: jax.Array) -> jax.Array:
@@ -150,13 +171,18 @@ def turbo_order(token: jax.Array, choose: jax.Array, previous: jax.Array) -> jax
   decreasing magnitude, NaN first, ties by channel) where `choose` (bool
   `[...]`) is set, `previous` kept elsewhere."""
   _require_loaded()
-  shape = np.broadcast_shapes(token.shape, previous.shape)
-  rank = len(shape)
-  call = jax.ffi.ffi_call("kvjax_turbo_order", jax.ShapeDtypeStruct(shape, jnp.int32),
-                          vmap_method="expand_dims")
-  return call(_with_rank(token.astype(jnp.float32), rank),
-              _with_rank(jnp.asarray(choose).astype(jnp.int32), rank - 1),
-              _with_rank(previous.astype(jnp.int32), rank))
+  rank = len(np.broadcast_shapes(token.shape, previous.shape))
+
+  def call(token, choose, previous):
+    shape = np.broadcast_shapes(token.shape, previous.shape, (*choose.shape, 1))
+    return (jax.ffi.ffi_call("kvjax_turbo_order", jax.ShapeDtypeStruct(shape, jnp.int32),
+                             vmap_method="expand_dims")(token, choose, previous),)
+
+  every_vector = Axes(batch=rank - 1)
+  return per_shard(call, (_with_rank(token.astype(jnp.float32), rank),
+                          _with_rank(jnp.asarray(choose).astype(jnp.int32), rank - 1),
+                          _with_rank(previous.astype(jnp.int32), rank)),
+                   (every_vector,) * 3, (every_vector,))[0]
 
 
 class StoreLayout(NamedTuple):
@@ -213,10 +239,7 @@ def attend(q_hot, q_store, row_pos, counters, layer, window, softcap,
   batch = tuple(batch)
   dummy = jnp.zeros((1,), jnp.float32)
   fill = lambda leaves: tuple(dummy if x is None else x for x in leaves)
-  out_types = (jax.ShapeDtypeStruct(batch + (h, r, d), jnp.float32),
-               jax.ShapeDtypeStruct(batch + (h, r, value_lanes), jnp.float32))
   scalar = lambda x: jnp.reshape(x, (1,) * len(batch))  # broadcast over the batch
-  call = jax.ffi.ffi_call("kvjax_attend", out_types, vmap_method="expand_dims")
   # One table buffer: the value segments' offsets move past the key tables.
   value_segments = np.array(value.segments, np.int32).reshape(-1, 7)
   value_segments[:, 4] += len(key.tables)
@@ -227,18 +250,37 @@ def attend(q_hot, q_store, row_pos, counters, layer, window, softcap,
       f"{prefix}_norm_count": np.int32(layout.norm_count),
       f"{prefix}_segments": np.asarray(segments, np.int32).reshape(-1),
       f"{prefix}_kappa_scales": np.asarray(layout.kappa_scales, np.float32).reshape(-1)}
-  return call(
-      q_hot, q_store, row_pos, *counters,
-      (layer if page_table is not None
-       else scalar(jnp.asarray(0 if layer is None else layer, jnp.int32))),
-      scalar(jnp.asarray(0 if window is None else window, jnp.int32)),
-      scalar(jnp.asarray(0.0 if softcap is None else softcap, jnp.float32)),
-      *hot_leaves, *fill(store_k), *fill(store_v),
-      jnp.asarray(tables if len(tables) else np.zeros(1, np.float32)),
-      jnp.zeros((1,), jnp.int32) if page_table is None else page_table,
+  attributes = dict(
       hot_kind=np.int32(hot.kind),
       **side("key", key, key.segments), **side("value", value, value_segments),
       has_window=np.int32(window is not None),
       has_softcap=np.int32(softcap is not None),
       has_layers=np.int32(layer is not None),
       page_size=np.int32(0 if page_table is None else jax.tree.leaves(store_k)[0].shape[2]))
+
+  def call(q_hot, *operands):
+    *lead, h, r, d = q_hot.shape
+    out_types = (jax.ShapeDtypeStruct((*lead, h, r, d), jnp.float32),
+                 jax.ShapeDtypeStruct((*lead, h, r, value_lanes), jnp.float32))
+    return jax.ffi.ffi_call("kvjax_attend", out_types, vmap_method="expand_dims")(
+        q_hot, *operands, **attributes)
+
+  store = (*fill(store_k), *fill(store_v))
+  operands = (
+      q_hot, q_store, row_pos, *counters,
+      (layer if page_table is not None
+       else scalar(jnp.asarray(0 if layer is None else layer, jnp.int32))),
+      scalar(jnp.asarray(0 if window is None else window, jnp.int32)),
+      scalar(jnp.asarray(0.0 if softcap is None else softcap, jnp.float32)),
+      *hot_leaves, *store,
+      jnp.asarray(tables if len(tables) else np.zeros(1, np.float32)),
+      jnp.zeros((1,), jnp.int32) if page_table is None else page_table)
+  # Independent per batch entry and per KV head: the queries' and outputs'
+  # head axis follows the batch, the tiers' follows a stack's layer axis
+  # (a pool's slot or page axis).
+  nb = len(batch)
+  rows, tier_head = Axes(nb, head=nb), 1 if (layer is not None or page_table is not None) else 0
+  tier = lambda x: Axes(head=tier_head if x.ndim > 1 else None)
+  in_axes = (rows, rows, Axes(nb), *(Axes() for _ in counters), Axes(nb), Axes(nb), Axes(nb),
+             *(tier(x) for x in (*hot_leaves, *store)), Axes(), Axes())
+  return per_shard(call, operands, in_axes, (rows, rows))
