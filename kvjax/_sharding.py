@@ -50,6 +50,13 @@ def cache_sharding(cache, mesh: Mesh, *, batch_axis=None, head_axis=None):
   """
   if not isinstance(mesh, Mesh):
     raise ValueError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
+  explicit = [a for a, t in zip(mesh.axis_names, mesh.axis_types)
+              if t == jax.sharding.AxisType.Explicit]
+  if explicit:
+    # jax.vmap over a batch of caches refuses explicitly sharded axes.
+    raise ValueError(f"mesh: axes {tuple(explicit)} are Explicit; kvjax's caches are "
+                     "batched with jax.vmap, which needs Auto axes: build the mesh "
+                     "with axis_types=(jax.sharding.AxisType.Auto,) * ndim")
   for name, axis in (("batch_axis", batch_axis), ("head_axis", head_axis)):
     for a in _names(axis):
       if a not in mesh.shape:

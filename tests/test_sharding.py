@@ -60,6 +60,9 @@ def test_layout_of_every_leaf():
   assert pool[".pages_k.codes"] == P(None, "model", None, None)
   assert pool[".sink_v.data"] == P(None, "model", None, None)
   assert pool[".page_table"] == P(None, None)
+  with pytest.raises(ValueError, match="Explicit.*axis_types"):
+    kvjax.cache_sharding(kvjax.init(spec, batch=2), jax.make_mesh(
+        (1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,)), batch_axis="data")
   placed = kvjax.shard(kvjax.init(spec, batch=2), mesh, batch_axis="data")
   assert all(isinstance(x.sharding, jax.sharding.NamedSharding)
              for x in jax.tree.leaves(placed))
