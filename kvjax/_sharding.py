@@ -128,13 +128,12 @@ def _kv_sharding(cache: KVCache, mesh: Mesh, batch_axis, head_axis, batch_dims: 
     _require_divides("sequences", cache.length.shape[0], mesh, batch_axis, "batch_axis")
   if head_axis is not None:
     _require_divides("KV heads", cache.spec.num_kv_heads, mesh, head_axis, "head_axis")
-  prefix = (batch_axis if batch_dims else None,) + (None,) * (lead - batch_dims)
-  prefix = prefix[:lead]
+  prefix = [batch_axis] * batch_dims + [None] * (lead - batch_dims)
 
   def leaf_sharding(path, x):
     name = path[0].name
     head_at = None if x.ndim == lead else (lead + 1 if name == "store_order" else lead)
-    spec = list(prefix) + [None] * (x.ndim - lead)
+    spec = prefix + [None] * (x.ndim - lead)
     if head_at is not None and head_axis is not None:
       spec[head_at] = head_axis
     return NamedSharding(mesh, PartitionSpec(*spec))
