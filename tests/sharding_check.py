@@ -34,12 +34,14 @@ CAPACITY = 96  # store_slots = 94: no other axis of these programs has that size
 # (batch_axis, head_axis) on the ("data", "model") = 2 x 4 mesh: 8 shards each.
 LAYOUTS = {"batch": (("data", "model"), None), "head": (None, ("data", "model")),
            "2d": ("data", "model")}
-# Each kind of store the kernels read, split over the layouts (the test
-# budget: a case is three compiles on 8 devices, ~6 s on two cores); attend's
-# jnp path too for JNP_PATH. `--every`: every format in every layout (~3 min).
-CASES = [("f32", "2d"), ("bf16", "batch"), ("q8", "2d"), ("q4", "head"), ("turbo4", "head"),
-         ("turbo3.5", "2d"), ("turbo2p", "batch"), (("q8", "q4"), "batch")]
-JNP_PATH = ("q4", "turbo3.5")
+# Each kind of store the kernels read (raw f32 and bf16, affine q8 and q4,
+# TurboQuant whole, split and prod), in pairs of key and value formats, over
+# the three layouts (the test budget: a case is three compiles on 8 devices,
+# ~7 s on two cores); attend's jnp path too for JNP_PATH (both of its
+# decoders). `--every`: every format alone and two pairs in every layout (~3 min).
+CASES = [(("f32", "q8"), "2d"), (("bf16", "turbo2p"), "batch"), ("turbo3.5", "head"),
+         (("q4", "turbo4"), "2d")]
+JNP_PATH = ("turbo3.5", ("q4", "turbo4"))
 MIXED = [("q8", "q4"), ("bf16", "turbo3.5")]
 COLLECTIVES = ("all-gather", "all-to-all", "all-reduce", "collective-permute",
                "reduce-scatter")

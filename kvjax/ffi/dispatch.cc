@@ -9,7 +9,12 @@ namespace kvjax {
 std::vector<const KernelSet*> CompiledKernels() {
   // Built on first use: the variants' tables live in their own files.
 #if defined(__x86_64__) || defined(_M_X64)
-  static const KernelSet avx512_set{"avx512", avx512::kQ8Kernels, avx512::kQ4Kernels, avx512::kTurboKernels, avx512::AttendRun};
+#if defined(KVJAX_NO_AVX512_ATTENTION)
+  const AttendRunFn avx512_attend = nullptr;  // a test build that left it out (CMakeLists.txt)
+#else
+  const AttendRunFn avx512_attend = avx512::AttendRun;
+#endif
+  static const KernelSet avx512_set{"avx512", avx512::kQ8Kernels, avx512::kQ4Kernels, avx512::kTurboKernels, avx512_attend};
   static const KernelSet avx2_set{"avx2", avx2::kQ8Kernels, avx2::kQ4Kernels, avx2::kTurboKernels, avx2::AttendRun};
 #endif
 #if defined(__aarch64__)
