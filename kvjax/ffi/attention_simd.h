@@ -310,17 +310,17 @@ class KeyPass {
       if (kKind == ValueKind::kLut) {
         for (int s = 0; s < plan_.f->num_segments; ++s) {
           switch (plan_.segs[s].mode) {
-            case Isa::kFullWords: ScoreLut<kRows, Isa::kFullWords>(st, r0, s, tt, n, slot); break;
+            case Isa::kFullWords: ScoreLut<kRows, Isa::kFullWords>(st, r0, s, tt, slot); break;
             case Isa::kRepeatedWords:
-              ScoreLut<kRows, Isa::kRepeatedWords>(st, r0, s, tt, n, slot);
+              ScoreLut<kRows, Isa::kRepeatedWords>(st, r0, s, tt, slot);
               break;
             case Isa::kFullWords + kAffineMode:
-              ScoreLut<kRows, Isa::kFullWords + kAffineMode>(st, r0, s, tt, n, slot);
+              ScoreLut<kRows, Isa::kFullWords + kAffineMode>(st, r0, s, tt, slot);
               break;
             case Isa::kRepeatedWords + kAffineMode:
-              ScoreLut<kRows, Isa::kRepeatedWords + kAffineMode>(st, r0, s, tt, n, slot);
+              ScoreLut<kRows, Isa::kRepeatedWords + kAffineMode>(st, r0, s, tt, slot);
               break;
-            default: ScoreLut<kRows, Isa::kThreeBitWords>(st, r0, s, tt, n, slot); break;
+            default: ScoreLut<kRows, Isa::kThreeBitWords>(st, r0, s, tt, slot); break;
           }
         }
         continue;
@@ -339,7 +339,7 @@ class KeyPass {
           for (int i = 0; i < kRows; ++i) x[i * kTokens + j] = Isa::Fma(q[i], k, x[i * kTokens + j]);
         }
       }
-      StoreDots<kRows>(st, x, r0, 0, tt, n);
+      StoreDots<kRows>(st, x, r0, 0, tt);
     }
   }
 
@@ -347,18 +347,23 @@ class KeyPass {
   // taken as a copy: were the accumulators' own address taken, GCC would keep
   // them in memory through the whole loop.
   template <int kRows>
-  KVJAX_INLINE void StoreDots(const BlockState& st, const V* accumulators, int r0, int s, int tt,
-                              int n) {
+  KVJAX_INLINE void StoreDots(const BlockState& st, const V* accumulators, int r0, int s, int tt) {
     constexpr int kTokens = L / kRows;
     V x[L];
 #pragma GCC unroll 16
     for (int i = 0; i < L; ++i) x[i] = accumulators[i];
     alignas(64) float dots[L];
     Isa::Store(dots, Isa::ReduceTile(x));
+    // Dots of tokens past n are masked before any use (Softmax), so only a
+    // block row's end bounds the copy: whole tiles where kTokens divides it.
     float* out = st.scores + static_cast<size_t>(s) * rows_ * kBlock;
+#pragma GCC unroll 4
     for (int i = 0; i < kRows; ++i) {
-      for (int j = 0; j < kTokens && tt + j < n; ++j) {
-        out[(r0 + i) * kBlock + tt + j] = dots[i * kTokens + j];
+      float* row = &out[(r0 + i) * kBlock + tt];
+      if (kBlock % kTokens == 0) {
+        std::memcpy(row, &dots[i * kTokens], sizeof(float) * kTokens);
+      } else {
+        for (int j = 0; j < kTokens && tt + j < kBlock; ++j) row[j] = dots[i * kTokens + j];
       }
     }
   }
@@ -367,7 +372,7 @@ class KeyPass {
   // block, looked up once per iteration (chunk), the segment's table in
   // registers.
   template <int kRows, int kMode>
-  void ScoreLut(const BlockState& st, int r0, int s, int tt, int n, const int64_t* slot) {
+  void ScoreLut(const BlockState& st, int r0, int s, int tt, const int64_t* slot) {
     constexpr int kTokens = L / kRows;
     const LutSegment& ls = plan_.segs[s];
     const int lanes = plan_.lanes;
@@ -396,7 +401,7 @@ class KeyPass {
         }
       }
     }
-    StoreDots<kRows>(st, x, r0, s, tt, n);
+    StoreDots<kRows>(st, x, r0, s, tt);
   }
 
   const RunArgs& a_;
