@@ -16,6 +16,8 @@ namespace {
 
 struct Isa {
   static constexpr int kLanes = 4;
+  // Value chunks per tile: 4 rows x 4 chunks of accumulators fit its 32 registers.
+  static constexpr int kValueChunks = 4;
   using V = float32x4_t;
   using Mask = uint32x4_t;
 

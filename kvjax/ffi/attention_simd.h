@@ -16,8 +16,9 @@
 //      transpose-and-add;
 //   4. per row: softcap, the mask (select), NaN / +Inf detection, the block
 //      max, the softmax weights;
-//   5. values: tiles of 4 rows x 4 chunks of accumulators in registers over
-//      the block's tokens (each visible token decoded once for the tile),
+//   5. values: tiles of 4 rows x Isa::kValueChunks chunks of accumulators
+//      in registers over the block's tokens (each visible token decoded once
+//      for the tile),
 //      added to the running accumulator with the row's correction (two-level
 //      summation keeps long runs accurate).
 //
@@ -301,30 +302,28 @@ class KeyPass {
     if (!needed) return;
     constexpr int kTokens = L / kRows;
     const int lanes = plan_.lanes;
+    if (kKind == ValueKind::kLut) {
+      // One dispatch per segment and block: the tiles loop inside.
+      for (int s = 0; s < plan_.f->num_segments; ++s) {
+        switch (plan_.segs[s].mode) {
+          case Isa::kFullWords: ScoreLut<kRows, Isa::kFullWords>(st, r0, s, t0, slot0, n); break;
+          case Isa::kRepeatedWords:
+            ScoreLut<kRows, Isa::kRepeatedWords>(st, r0, s, t0, slot0, n);
+            break;
+          case Isa::kFullWords + kAffineMode:
+            ScoreLut<kRows, Isa::kFullWords + kAffineMode>(st, r0, s, t0, slot0, n);
+            break;
+          case Isa::kRepeatedWords + kAffineMode:
+            ScoreLut<kRows, Isa::kRepeatedWords + kAffineMode>(st, r0, s, t0, slot0, n);
+            break;
+          default: ScoreLut<kRows, Isa::kThreeBitWords>(st, r0, s, t0, slot0, n); break;
+        }
+      }
+      return;
+    }
     for (int tt = 0; tt < n; tt += kTokens) {
       int64_t slot[kTokens];
-      if (r0 == 0) PrefetchTokens(a_, t0 + tt + kAhead, slot0 + tt + kAhead, kTokens);
-#pragma GCC unroll 16
-      for (int j = 0; j < kTokens; ++j) slot[j] = slot0 + (tt + j < n ? tt + j : n - 1);
-      // (A token past the end is a repeat of the last one, its dots unused.)
-      if (kKind == ValueKind::kLut) {
-        for (int s = 0; s < plan_.f->num_segments; ++s) {
-          switch (plan_.segs[s].mode) {
-            case Isa::kFullWords: ScoreLut<kRows, Isa::kFullWords>(st, r0, s, tt, slot); break;
-            case Isa::kRepeatedWords:
-              ScoreLut<kRows, Isa::kRepeatedWords>(st, r0, s, tt, slot);
-              break;
-            case Isa::kFullWords + kAffineMode:
-              ScoreLut<kRows, Isa::kFullWords + kAffineMode>(st, r0, s, tt, slot);
-              break;
-            case Isa::kRepeatedWords + kAffineMode:
-              ScoreLut<kRows, Isa::kRepeatedWords + kAffineMode>(st, r0, s, tt, slot);
-              break;
-            default: ScoreLut<kRows, Isa::kThreeBitWords>(st, r0, s, tt, slot); break;
-          }
-        }
-        continue;
-      }
+      TileSlots<kTokens>(r0 == 0, t0, slot0, tt, n, slot);
       V x[L];
 #pragma GCC unroll 16
       for (int i = 0; i < L; ++i) x[i] = Isa::Zero();
@@ -371,37 +370,55 @@ class KeyPass {
   // One kLut segment's dots for a tile: each token's words read once per
   // block, looked up once per iteration (chunk), the segment's table in
   // registers.
+  // The ring slots of a tile's tokens (a token past the end is a repeat of
+  // the last one, its dots unused); one pass over the block prefetches ahead.
+  template <int kTokens>
+  KVJAX_INLINE void TileSlots(bool prefetch, int64_t t0, int64_t slot0, int tt, int n,
+                              int64_t* slot) const {
+    if (prefetch) PrefetchTokens(a_, t0 + tt + kAhead, slot0 + tt + kAhead, kTokens);
+#pragma GCC unroll 16
+    for (int j = 0; j < kTokens; ++j) slot[j] = slot0 + (tt + j < n ? tt + j : n - 1);
+  }
+
+  // One kLut segment's dots for a block, tile by tile: each token's words
+  // read once per word block, looked up once per iteration (chunk), the
+  // segment's table in registers.
   template <int kRows, int kMode>
-  void ScoreLut(const BlockState& st, int r0, int s, int tt, const int64_t* slot) {
+  void ScoreLut(const BlockState& st, int r0, int s, int64_t t0, int64_t slot0, int n) {
     constexpr int kTokens = L / kRows;
     const LutSegment& ls = plan_.segs[s];
     const int lanes = plan_.lanes;
     const typename Isa::Table table = Isa::LoadTable(plan_.base[s]);
-    V x[L];
+    const float* q_tile = &q_[r0 * lanes + ls.first_chunk * L];
+    for (int tt = 0; tt < n; tt += kTokens) {
+      int64_t slot[kTokens];
+      TileSlots<kTokens>(r0 == 0 && s == 0, t0, slot0, tt, n, slot);
+      V x[L];
 #pragma GCC unroll 16
-    for (int i = 0; i < L; ++i) x[i] = Isa::Zero();
-    for (int b = 0; b < ls.blocks; ++b) {
-      W words[kTokens];
-#pragma GCC unroll 16
-      for (int j = 0; j < kTokens; ++j) {
-        words[j] = Isa::template LutWords<kMode % kAffineMode>(plan_.RowOf(a_.k, slot[j]),
-                                                               ls.block[b]);
-      }
-      for (int it = 0; it < ls.iterations; ++it) {
-        const int c = ls.first_chunk + b * ls.iterations + it;
-        const W shift = ls.shift[it];
-        V q[kRows];
-#pragma GCC unroll 4
-        for (int i = 0; i < kRows; ++i) q[i] = Isa::Load(&q_[(r0 + i) * lanes + c * L]);
+      for (int i = 0; i < L; ++i) x[i] = Isa::Zero();
+      for (int b = 0; b < ls.blocks; ++b) {
+        W words[kTokens];
 #pragma GCC unroll 16
         for (int j = 0; j < kTokens; ++j) {
-          const V k = LutValues<kMode>(words[j], shift, table);
+          words[j] = Isa::template LutWords<kMode % kAffineMode>(plan_.RowOf(a_.k, slot[j]),
+                                                                 ls.block[b]);
+        }
+        const float* q_block = q_tile + b * ls.iterations * L;
+        for (int it = 0; it < ls.iterations; ++it) {
+          const W shift = ls.shift[it];
+          V q[kRows];
 #pragma GCC unroll 4
-          for (int i = 0; i < kRows; ++i) x[i * kTokens + j] = Isa::Fma(q[i], k, x[i * kTokens + j]);
+          for (int i = 0; i < kRows; ++i) q[i] = Isa::Load(q_block + i * lanes + it * L);
+#pragma GCC unroll 16
+          for (int j = 0; j < kTokens; ++j) {
+            const V k = LutValues<kMode>(words[j], shift, table);
+#pragma GCC unroll 4
+            for (int i = 0; i < kRows; ++i) x[i * kTokens + j] = Isa::Fma(q[i], k, x[i * kTokens + j]);
+          }
         }
       }
+      StoreDots<kRows>(st, x, r0, s, tt);
     }
-    StoreDots<kRows>(st, x, r0, s, tt);
   }
 
   const RunArgs& a_;
@@ -523,7 +540,10 @@ class ValuePass {
       }
     } else {
       int c = 0;
-      for (; c + 4 <= plan_.chunks; c += 4) ValueTile<kRows, 4, 0>(st, r0, slot0, span, -1, 0, c);
+      constexpr int kChunks = Isa::kValueChunks;
+      for (; c + kChunks <= plan_.chunks; c += kChunks) {
+        ValueTile<kRows, kChunks, 0>(st, r0, slot0, span, -1, 0, c);
+      }
       for (; c < plan_.chunks; ++c) ValueTile<kRows, 1, 0>(st, r0, slot0, span, -1, 0, c);
     }
   }
@@ -532,7 +552,10 @@ class ValuePass {
   void ValueBlock(const BlockState& st, int r0, int64_t slot0, const TileSpan& span, int s, int b) {
     const int iterations = plan_.segs[s].iterations;
     int it = 0;
-    for (; it + 4 <= iterations; it += 4) ValueTile<kRows, 4, kMode>(st, r0, slot0, span, s, b, it);
+    constexpr int kChunks = Isa::kValueChunks;
+    for (; it + kChunks <= iterations; it += kChunks) {
+      ValueTile<kRows, kChunks, kMode>(st, r0, slot0, span, s, b, it);
+    }
     for (; it < iterations; ++it) ValueTile<kRows, 1, kMode>(st, r0, slot0, span, s, b, it);
   }
 
