@@ -18,9 +18,8 @@
 //      max, the softmax weights;
 //   5. values: tiles of 4 rows x Isa::kValueChunks chunks of accumulators
 //      in registers over the block's tokens (each visible token decoded once
-//      for the tile),
-//      added to the running accumulator with the row's correction (two-level
-//      summation keeps long runs accurate).
+//      for the tile), added to the running accumulator with the row's
+//      correction (two-level summation keeps long runs accurate).
 //
 // Keys and values may have different formats (`KeyPass` reads the keys for
 // steps 2-3, `ValuePass` the values for step 5; each is instantiated once per
@@ -367,9 +366,6 @@ class KeyPass {
     }
   }
 
-  // One kLut segment's dots for a tile: each token's words read once per
-  // block, looked up once per iteration (chunk), the segment's table in
-  // registers.
   // The ring slots of a tile's tokens (a token past the end is a repeat of
   // the last one, its dots unused); one pass over the block prefetches ahead.
   template <int kTokens>
@@ -539,24 +535,21 @@ class ValuePass {
         }
       }
     } else {
-      int c = 0;
-      constexpr int kChunks = Isa::kValueChunks;
-      for (; c + kChunks <= plan_.chunks; c += kChunks) {
-        ValueTile<kRows, kChunks, 0>(st, r0, slot0, span, -1, 0, c);
-      }
-      for (; c < plan_.chunks; ++c) ValueTile<kRows, 1, 0>(st, r0, slot0, span, -1, 0, c);
+      ValueBlock<kRows, 0>(st, r0, slot0, span, -1, 0);
     }
   }
 
+  // The value tiles over a raw or q8 token's chunks (s < 0), or over the
+  // iterations of block b of kLut segment s.
   template <int kRows, int kMode>
   void ValueBlock(const BlockState& st, int r0, int64_t slot0, const TileSpan& span, int s, int b) {
-    const int iterations = plan_.segs[s].iterations;
-    int it = 0;
+    const int count = s >= 0 ? plan_.segs[s].iterations : plan_.chunks;
     constexpr int kChunks = Isa::kValueChunks;
-    for (; it + kChunks <= iterations; it += kChunks) {
-      ValueTile<kRows, kChunks, kMode>(st, r0, slot0, span, s, b, it);
+    int c = 0;
+    for (; c + kChunks <= count; c += kChunks) {
+      ValueTile<kRows, kChunks, kMode>(st, r0, slot0, span, s, b, c);
     }
-    for (; it < iterations; ++it) ValueTile<kRows, 1, kMode>(st, r0, slot0, span, s, b, it);
+    for (; c < count; ++c) ValueTile<kRows, 1, kMode>(st, r0, slot0, span, s, b, c);
   }
 
   // kChunks chunks of value lanes for kRows rows: chunks c0 .. c0 + kChunks
