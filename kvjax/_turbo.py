@@ -207,9 +207,12 @@ def _centroids(codes, m, bits):
   return jnp.asarray(codebook(m, bits)[0])[codes.astype(jnp.int32)]
 
 
-def _qjl_project(r, m):
-  """S r with exact products and pairwise sums: `[..., m]` -> `[..., m]`."""
-  s = jnp.asarray(qjl_matrix(m))
+def _qjl_project(r, m, transpose=False):
+  """S r (S^T r with `transpose`) with exact products and pairwise sums:
+  `[..., m]` -> `[..., m]`. The same bits for every batch shape and
+  sharding, which a dot (its summation order is XLA's, chosen per shape)
+  does not give."""
+  s = jnp.asarray(qjl_matrix(m).T if transpose else qjl_matrix(m))
   hi, lo = _split_hi_lo(r)
   prods = s * hi[..., None, :] + s * lo[..., None, :]  # [..., m(i), m(j)]
   return pairwise_sum(prods)
@@ -456,8 +459,7 @@ class TurboFormat:
       q_rot = rotate(q[..., inst.start:inst.start + inst.size])
       q_s = None
       if self.prod:
-        s = jnp.asarray(qjl_matrix(inst.size))
-        q_s = jnp.einsum("hmj,ij->hmi", q_rot, s, precision=_HIGHEST)
+        q_s = _qjl_project(q_rot, inst.size)
       prepared.append((q_rot, q_s))
     return prepared
 
@@ -549,8 +551,7 @@ class TurboFormat:
       if self.prod:
         w = acc[..., offset:offset + inst.size]
         offset += inst.size
-        s = jnp.asarray(qjl_matrix(inst.size))
-        y = y + jnp.einsum("hmi,ij->hmj", w, s, precision=_HIGHEST)
+        y = y + _qjl_project(w, inst.size, transpose=True)
       pieces.append(unrotate(y))
     out = jnp.concatenate(pieces, axis=-1)
     if self.split and order is not None:
