@@ -122,6 +122,12 @@ struct Isa {
     int32_t words;        // distinct words (16, or fewer repeated)
     bool three_bit;
     __m512i spread;       // lane l reads word spread[l] of the block
+    // 3-bit words in whole 128-bit lanes of 4 (words a multiple of 4): the
+    // block's 3 * words bytes in one masked load, then dwords `gather` put
+    // each lane's 12 bytes in place for one byte shuffle.
+    bool whole_lanes;
+    __mmask64 byte_mask;
+    __m512i gather;
   };
   static void PlanBlock(const Segment& seg, int b, LutBlock* block) {
     const LutGeometry g = LutGeometryOf(seg, 16);
@@ -131,6 +137,14 @@ struct Isa {
     block->three_bit = seg.bits == 3;
     block->byte_offset = seg.code_offset + 16 * b * (seg.bits == 3 ? 3 : 4);
     block->spread = _mm512_load_si512(spread);
+    alignas(64) int32_t gather[16];
+    for (int l = 0; l < 16; ++l) {
+      const int first = spread[l - l % 4];  // the first group of l's 128-bit lane
+      gather[l] = 3 * first / 4 + (l % 4 < 3 ? l % 4 : 2);
+    }
+    block->whole_lanes = seg.bits == 3 && g.chunk_words % 4 == 0;
+    block->byte_mask = block->whole_lanes ? ~0ull >> (64 - 3 * g.chunk_words) : 0;
+    block->gather = _mm512_load_si512(gather);
   }
   static Words PlanShift(const Segment& seg, int it) {
     alignas(64) int32_t shift[16];
@@ -150,6 +164,12 @@ struct Isa {
       const __m512i w = _mm512_maskz_loadu_epi32(static_cast<Mask>((1u << p.words) - 1), src);
       return _mm512_permutexvar_epi32(p.spread, w);
     }
+    const __m512i group_bytes = _mm512_broadcast_i32x4(_mm_setr_epi8(
+        0, 1, 2, -128, 3, 4, 5, -128, 6, 7, 8, -128, 9, 10, 11, -128));
+    if (p.whole_lanes) {
+      const __m512i raw = _mm512_maskz_loadu_epi8(p.byte_mask, src);
+      return _mm512_shuffle_epi8(_mm512_permutexvar_epi32(p.gather, raw), group_bytes);
+    }
     // Groups of 3 bytes, 4 per 128-bit lane, then each into a dword.
     const int bytes = 3 * p.words;
     __m128i part[4];
@@ -160,8 +180,7 @@ struct Isa {
     const __m512i v = _mm512_inserti64x4(
         _mm512_castsi256_si512(_mm256_inserti128_si256(_mm256_castsi128_si256(part[0]), part[1], 1)),
         _mm256_inserti128_si256(_mm256_castsi128_si256(part[2]), part[3], 1), 1);
-    const __m512i groups = _mm512_shuffle_epi8(v, _mm512_broadcast_i32x4(_mm_setr_epi8(
-        0, 1, 2, -128, 3, 4, 5, -128, 6, 7, 8, -128, 9, 10, 11, -128)));
+    const __m512i groups = _mm512_shuffle_epi8(v, group_bytes);
     return p.words == 16 ? groups : _mm512_permutexvar_epi32(p.spread, groups);
   }
   using Table = V;  // the 16 entries
