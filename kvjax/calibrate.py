@@ -113,20 +113,22 @@ def _relative_error(out, ref):
   return jnp.sum((out - ref) ** 2) / jnp.sum(ref ** 2)
 
 
-def attention_errors(q, k, v, candidates, sinks, exact):
-  """`{side: {format: [L] relative errors}}` for side "keys" and "values";
-  `exact`: the pairs a cache reads from its sinks and hot tail
-  (`exact_keys`)."""
+def attention_errors(q, k, v, candidates, sinks, exact, start=0):
+  """`{side: {format: [L] relative errors}}` for side "keys" and "values"
+  over the positions from `start` on; `exact`: the pairs a cache reads from
+  its sinks and hot tail (`exact_keys`)."""
   layers = q.shape[0]
   ref = [_attention(q[l], k[l], v[l], k[l], v[l], exact) for l in range(layers)]
   out = {"keys": {}, "values": {}}
   for fmt in candidates:
     kq, vq = roundtrip(fmt, k, sinks), roundtrip(fmt, v, sinks)
     out["keys"][fmt] = [
-        float(_relative_error(_attention(q[l], k[l], v[l], kq[l], v[l], exact), ref[l]))
+        float(_relative_error(_attention(q[l], k[l], v[l], kq[l], v[l], exact)[start:],
+                              ref[l][start:]))
         for l in range(layers)]
     out["values"][fmt] = [
-        float(_relative_error(_attention(q[l], k[l], v[l], k[l], vq[l], exact), ref[l]))
+        float(_relative_error(_attention(q[l], k[l], v[l], k[l], vq[l], exact)[start:],
+                              ref[l][start:]))
         for l in range(layers)]
   return out
 
@@ -155,12 +157,14 @@ def policy_logits(params, config, tokens, formats, sinks: int, exact):
                              jnp.asarray(iv, jnp.int32))
 
 
-def policy_kl(params, config, tokens, formats, sinks: int, exact):
+def policy_kl(params, config, tokens, formats, sinks: int, exact, start=0):
   """`kl(key_index [L], value_index [L]) -> float`: next-token KL against
-  float32 (mean over `tokens`) of `policy_logits`' model."""
+  float32 (mean over the positions of `tokens` from `start` on) of
+  `policy_logits`' model."""
   logp = policy_logits(params, config, tokens, formats, sinks, exact)
-  ref = logp(np.full(config.n_layers, -1), np.full(config.n_layers, -1))
-  return lambda key_index, value_index: float(_divergence(ref, logp(key_index, value_index)))
+  ref = logp(np.full(config.n_layers, -1), np.full(config.n_layers, -1))[start:]
+  return lambda key_index, value_index: float(
+      _divergence(ref, logp(key_index, value_index)[start:]))
 
 
 def kl_sensitivity(kl, layers: int, probe_index: int, probe: str, errors):
@@ -266,9 +270,9 @@ def choose(errors, bits, budget, quantum=1 / 256):
   return [tuple(chosen[s, l] for s in sides) for l in range(layers)]
 
 
-def cache_kl(work_params, config, tokens, specs_by_name, chunk=128):
+def cache_kl(work_params, config, tokens, specs_by_name, chunk=128, start=0):
   """Next-token KL of each cache (name -> per-layer specs) against a float32
-  cache, over every position of `tokens` (prefill in chunks)."""
+  cache, over the positions of `tokens` from `start` on (prefill in chunks)."""
   n = tokens.shape[0]
   padded = np.zeros(-(-n // chunk) * chunk, np.int32)
   padded[:n] = tokens
@@ -277,9 +281,9 @@ def cache_kl(work_params, config, tokens, specs_by_name, chunk=128):
     caches = llama.init_caches(config, specs)
     step = jax.jit(lambda p, c, t, m: llama.forward(p, config, c, t, m), donate_argnums=1)
     out = []
-    for start in range(0, len(padded), chunk):
-      logits, caches = step(work_params, caches, padded[start:start + chunk],
-                            np.int32(min(chunk, n - start)))
+    for at in range(0, len(padded), chunk):
+      logits, caches = step(work_params, caches, padded[at:at + chunk],
+                            np.int32(min(chunk, n - at)))
       out.append(np.asarray(jax.nn.log_softmax(logits)))
     return np.concatenate(out)[:n]
 
@@ -289,7 +293,7 @@ def cache_kl(work_params, config, tokens, specs_by_name, chunk=128):
     logp = logits_of(specs)
     if reference is None:
       reference = logp
-    results[name] = float(_divergence(reference, logp))
+    results[name] = float(_divergence(reference[start:], logp[start:]))
   return results
 
 
@@ -303,6 +307,9 @@ def main(argv=None) -> int:
   p.add_argument("--out", default="policy.json", help="policy file (default: %(default)s)")
   p.add_argument("--model", default="smollm2", choices=["smollm2", "random"])
   p.add_argument("--tokens", type=int, default=1024, help="calibration tokens")
+  p.add_argument("--min-context", type=int, default=0,
+                 help="measure errors and KL only at positions with at least this many "
+                 "tokens before them, as a long-context decode reads (default: %(default)s)")
   p.add_argument("--sinks", type=int, default=4, help="tokens kept exact (the demo's sinks)")
   p.add_argument("--tail", type=int, default=32, help="the hot tail (the demo's)")
   p.add_argument("--migrate-batch", type=int, default=32, help="as the demo's")
@@ -342,7 +349,11 @@ def main(argv=None) -> int:
   q, k, v = jax.jit(lambda p, t: llama.attention_inputs_per_layer(p, config, t))(params, tokens)
   bits = {f: bits_per_value(f, config.head_dim) for f in candidates}
   exact = exact_keys(len(tokens), args.sinks, args.tail, args.migrate_batch)
-  errors = attention_errors(q, k, v, candidates, args.sinks, exact)
+  start = args.min_context
+  if not 0 <= start < len(tokens):
+    p.error(f"--min-context: expected 0 <= N < {len(tokens)} (the calibration tokens), "
+            f"got {start}")
+  errors = attention_errors(q, k, v, candidates, args.sinks, exact, start)
   probe = args.probe
   if probe not in candidates:
     p.error(f"--probe: {probe!r} is not one of --candidates")
@@ -351,7 +362,7 @@ def main(argv=None) -> int:
   if unknown:
     p.error(f"--compare: unknown {unknown}")
   modelled = candidates + [c for c in compare if c not in candidates]
-  measured_kl = policy_kl(params, config, tokens, modelled, args.sinks, exact)
+  measured_kl = policy_kl(params, config, tokens, modelled, args.sinks, exact, start)
   weight = kl_sensitivity(measured_kl, config.n_layers, candidates.index(probe), probe, errors)
   predicted = {side: {f: [w * e for w, e in zip(weight[side], errors[side][f])]
                       for f in candidates} for side in errors}
@@ -382,14 +393,14 @@ def main(argv=None) -> int:
             "candidate_bits_per_value": bits,
             "attention_error": errors, "kl_per_attention_error": weight,
             "probe": probe, "tail": args.tail, "migrate_batch": args.migrate_batch,
-            "sinks": args.sinks, "refine_kl": refine_history}
+            "sinks": args.sinks, "min_context": start, "refine_kl": refine_history}
   caches = {"f32": [llama.cache_spec(config, store="f32", **{**spec_kwargs,
                                                              "hot_dtype": "float32"})]
             * config.n_layers,
             "policy": policy_specs(policy, config, **spec_kwargs)}
   for name in compare:
     caches[name] = [llama.cache_spec(config, store=name, **spec_kwargs)] * config.n_layers
-  kl = cache_kl(params, config, tokens, caches, chunk=args.kl_chunk)
+  kl = cache_kl(params, config, tokens, caches, chunk=args.kl_chunk, start=start)
   policy["calibration_kl"] = {name: kl[name] for name in caches if name != "f32"}
   policy["calibration_model_kl"] = model_kl
   policy["calibration_kl_chunk"] = args.kl_chunk

@@ -55,9 +55,10 @@ def test_calibrate_writes_a_policy_the_demo_runs(tmp_path, capsys):
   assert calibrate.main(["--bits", "4.0", "--model", "random", "--tokens", "48",
                          "--candidates", "q8,q4,turbo3,turbo2", "--compare", "turbo3",
                          "--tail", "8", "--migrate-batch", "4", "--refine", "0",
-                         "--out", str(out)]) == 0
+                         "--min-context", "16", "--out", str(out)]) == 0
   policy = json.loads(out.read_text())
   assert policy["version"] == 1 and len(policy["layers"]) == 4
+  assert policy["min_context"] == 16
   chosen = [f for layer in policy["layers"] for f in (layer["keys"], layer["values"])]
   bits = policy["candidate_bits_per_value"]
   assert policy["bits_per_value"] == np.mean([bits[f] for f in chosen]) <= 4.0
@@ -108,6 +109,18 @@ def test_policy_model_is_decoding_through_real_caches():
   hot = [int(np.sum(exact[i, sinks:i + 1])) for i in range(n)]
   assert hot[:tail + 1] == [0, 0, 1, 2, 3] and max(hot) == tail + batch - 1
   assert min(hot[sinks + tail:]) == tail
+  # `start`: the KL over the later positions only (a numpy KL over the logits).
+  ik, iv = [formats.index(k) for k, _ in policy], [formats.index(v) for _, v in policy]
+  late = calibrate.policy_kl(params, config, tokens, formats, sinks, exact, start=20)
+  ref, got = np.asarray(exact_model, np.float64)[20:], np.asarray(want, np.float64)[20:]
+  assert late(ik, iv) == pytest.approx(np.mean(np.sum(np.exp(ref) * (ref - got), -1)),
+                                       rel=1e-4)
+
+
+def test_min_context_must_leave_positions_to_measure():
+  with pytest.raises(SystemExit):
+    calibrate.main(["--bits", "4.0", "--model", "random", "--tokens", "16",
+                    "--min-context", "16"])
 
 
 def test_refine_stays_within_budget_and_never_keeps_a_worse_measured_kl():
