@@ -102,6 +102,12 @@ struct Isa {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
+  // Lane j: bfloat16 number `which` (0 or 1) of the pair at p + 2 j.
+  static V LoadBF16OfPairs(const uint16_t* p, int which) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm256_castsi256_ps(which == 0 ? _mm256_slli_epi32(w, 16)
+                                          : _mm256_and_si256(w, _mm256_set1_epi32(-65536)));
+  }
   static V LoadF16(const uint8_t* row, int c) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c)));
   }
@@ -141,11 +147,16 @@ struct Isa {
   static KVJAX_ISA_INLINE Words LutWords(const uint8_t* row, const LutBlock& p) {
     const uint8_t* src = row + p.byte_offset;
     if (kMode == kFullWords) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-    if (kMode == kRepeatedWords) {
-      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(p.words),
-                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      const __m256i w = _mm256_maskload_epi32(reinterpret_cast<const int*>(src), mask);
-      return _mm256_permutevar8x32_epi32(w, p.spread);
+    if (kMode == kRepeatedWords) {  // lane l: word l % words, by broadcast loads
+      switch (p.words) {
+        case 4: return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+        case 2: return _mm256_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+        default: {
+          int32_t word;
+          std::memcpy(&word, src, sizeof word);
+          return _mm256_set1_epi32(word);
+        }
+      }
     }
     // 3-byte groups, 4 per 128-bit lane (12 bytes: 3 dwords, loaded exactly),
     // each into a dword. 2 groups (6 bytes) are copied byte-wise: a dword

@@ -107,6 +107,12 @@ struct Isa {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * c));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
+  // Lane j: bfloat16 number `which` (0 or 1) of the pair at p + 2 j.
+  static V LoadBF16OfPairs(const uint16_t* p, int which) {
+    const __m512i w = _mm512_loadu_si512(p);
+    return _mm512_castsi512_ps(which == 0 ? _mm512_slli_epi32(w, 16)
+                                          : _mm512_and_si512(w, _mm512_set1_epi32(-65536)));
+  }
   static V LoadF16(const uint8_t* row, int c) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * c)));
   }
@@ -160,9 +166,17 @@ struct Isa {
   static KVJAX_ISA_INLINE Words LutWords(const uint8_t* row, const LutBlock& p) {
     const uint8_t* src = row + p.byte_offset;
     if (kMode == kFullWords) return _mm512_loadu_si512(src);
-    if (kMode == kRepeatedWords) {
-      const __m512i w = _mm512_maskz_loadu_epi32(static_cast<Mask>((1u << p.words) - 1), src);
-      return _mm512_permutexvar_epi32(p.spread, w);
+    if (kMode == kRepeatedWords) {  // lane l: word l % words, by broadcast loads
+      switch (p.words) {
+        case 8: return _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+        case 4: return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+        case 2: return _mm512_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+        default: {
+          int32_t word;
+          std::memcpy(&word, src, sizeof word);
+          return _mm512_set1_epi32(word);
+        }
+      }
     }
     const __m512i group_bytes = _mm512_broadcast_i32x4(_mm_setr_epi8(
         0, 1, 2, -128, 3, 4, 5, -128, 6, 7, 8, -128, 9, 10, 11, -128));

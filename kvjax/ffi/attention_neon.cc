@@ -77,6 +77,12 @@ struct Isa {
     const uint16x4_t h = vld1_u16(reinterpret_cast<const uint16_t*>(row) + 4 * c);
     return vreinterpretq_f32_u32(vshll_n_u16(h, 16));
   }
+  // Lane j: bfloat16 number `which` (0 or 1) of the pair at p + 2 j.
+  static V LoadBF16OfPairs(const uint16_t* p, int which) {
+    const uint32x4_t w = vreinterpretq_u32_u8(vld1q_u8(reinterpret_cast<const uint8_t*>(p)));
+    return vreinterpretq_f32_u32(which == 0 ? vshlq_n_u32(w, 16)
+                                            : vandq_u32(w, vdupq_n_u32(0xFFFF0000u)));
+  }
   static V LoadF16(const uint8_t* row, int c) {
     return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(reinterpret_cast<const uint16_t*>(row) + 4 * c)));
   }

@@ -173,11 +173,19 @@ struct TierPlan {
     for (int s = 0; s < f->num_segments; ++s) {
       const Segment& seg = f->segments[s];
       float* factor = out + s * kBlock;
+      int t = 0;
       if (seg.norm_index < 0) {
-        for (int t = 0; t < n; ++t) factor[t] = d.scale[slot0 + t];
-      } else {
-        for (int t = 0; t < n; ++t) factor[t] = SegmentFactor(*f, d, slot0 + t, seg);
+        for (; t < n; ++t) factor[t] = d.scale[slot0 + t];
+      } else if (seg.kappa_index < 0 && f->norm_count <= 2) {
+        // The norms as vectors: one or two bf16 per token (bits << 16).
+        const uint16_t* norms = d.norms + slot0 * f->norm_count;
+        for (; t + L <= n; t += L) {
+          Isa::Store(factor + t, f->norm_count == 1
+                                     ? Isa::LoadBF16(reinterpret_cast<const uint8_t*>(norms + t), 0)
+                                     : Isa::LoadBF16OfPairs(norms + 2 * t, seg.norm_index));
+        }
       }
+      for (; t < n; ++t) factor[t] = SegmentFactor(*f, d, slot0 + t, seg);
     }
   }
 };
