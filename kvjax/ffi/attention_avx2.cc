@@ -161,17 +161,18 @@ struct Isa {
     // 3-byte groups, 4 per 128-bit lane (12 bytes: 3 dwords, loaded exactly),
     // each into a dword. 2 groups (6 bytes) are copied byte-wise: a dword
     // load could read past the end of the last row.
-    alignas(32) uint8_t bytes[32] = {};
-    if (p.words >= 4) {
+    __m256i v;
+    if (p.words >= 4) {  // in registers (a store and a wider reload would stall)
       const __m128i three = _mm_setr_epi32(-1, -1, -1, 0);
       const __m128i low = _mm_maskload_epi32(reinterpret_cast<const int*>(src), three);
       const __m128i high = p.words == 8
           ? _mm_maskload_epi32(reinterpret_cast<const int*>(src + 12), three) : _mm_setzero_si128();
-      _mm256_store_si256(reinterpret_cast<__m256i*>(bytes), _mm256_set_m128i(high, low));
+      v = _mm256_set_m128i(high, low);
     } else {
+      alignas(32) uint8_t bytes[32] = {};
       std::memcpy(bytes, src, 3 * p.words);
+      v = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes));
     }
-    const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes));
     const __m128i pattern = _mm_setr_epi8(0, 1, 2, -128, 3, 4, 5, -128, 6, 7, 8, -128, 9, 10, 11, -128);
     const __m256i groups = _mm256_shuffle_epi8(v, _mm256_broadcastsi128_si256(pattern));
     return p.words == 8 ? groups : _mm256_permutevar8x32_epi32(groups, p.spread);
