@@ -185,6 +185,9 @@ struct Isa {
   static Table LoadTable(const float* entries) {
     return {_mm256_loadu_ps(entries), _mm256_loadu_ps(entries + 8)};
   }
+  static Table ScaleTable(const Table& table, V factor) {
+    return {_mm256_mul_ps(table.low, factor), _mm256_mul_ps(table.high, factor)};
+  }
   static KVJAX_ISA_INLINE V LutLookup(Words words, Words shift, const Table& table) {
     const __m256i index = _mm256_srlv_epi32(words, shift);
     const V low = _mm256_permutevar8x32_ps(table.low, index);

@@ -199,6 +199,7 @@ struct Isa {
   }
   using Table = V;  // the 16 entries
   static V LoadTable(const float* entries) { return _mm512_loadu_ps(entries); }
+  static V ScaleTable(V table, V factor) { return _mm512_mul_ps(table, factor); }
   static KVJAX_ISA_INLINE V LutLookup(Words words, Words shift, Table table) {
     return _mm512_permutexvar_ps(_mm512_srlv_epi32(words, shift), table);
   }

@@ -133,6 +133,13 @@ struct Isa {
   static Table LoadTable(const float* entries) {
     return vld1q_u8_x4(reinterpret_cast<const uint8_t*>(entries));
   }
+  static Table ScaleTable(const Table& table, V factor) {
+    Table out;
+    for (int i = 0; i < 4; ++i) {
+      out.val[i] = vreinterpretq_u8_f32(vmulq_f32(vreinterpretq_f32_u8(table.val[i]), factor));
+    }
+    return out;
+  }
   static V LutLookup(Words words, Words shift, const Table& table) {
     const uint32x4_t index = vandq_u32(vshlq_u32(words, vreinterpretq_s32_u32(shift)),
                                        vdupq_n_u32(15));

@@ -255,6 +255,9 @@ class KeyPass {
     q_ = arena->Take<float>(static_cast<size_t>(rows_) * lanes);
     q_sum_ = arena->Take<float>(rows_);
     factors_ = arena->Take<float>(kBlock * kMaxSegments);
+    // Several segments with norms (split, prod): each token's factors scale
+    // its tables, so all segments add to one tile of dots (one reduction).
+    fused_ = kKind == ValueKind::kLut && plan_.f->num_segments > 1 && !plan_.affine;
     for (int r = 0; r < rows_; ++r) {
       const float* q = a.q + static_cast<int64_t>(r) * lanes;
       q_sum_[r] = 0.0f;
@@ -267,7 +270,8 @@ class KeyPass {
 
   int segments() const { return kKind == ValueKind::kLut ? plan_.f->num_segments : 1; }
 
-  // scores[s][r][t] = q_r . k_t (segment s's dots) for every row and token.
+  // scores[s][r][t] = q_r . k_t (segment s's dots) for every row and token
+  // (fused segments: scores[0] holds the logits, factors applied).
   // `t0`: the block's index in the run (for prefetching ahead).
   void Scores(const BlockState& st, int64_t t0, int64_t slot0, int n) {
     plan_.Factors(a_.k, slot0, n, factors_);
@@ -288,7 +292,7 @@ class KeyPass {
   KVJAX_INLINE V Logits(const BlockState& st, int r, int64_t slot0, int t, int n) const {
     const float* s = &st.scores[r * kBlock];
     V x = Isa::Load(s + t);
-    if (kKind == ValueKind::kLut) {
+    if (kKind == ValueKind::kLut && !fused_) {
       const size_t plane = static_cast<size_t>(rows_) * kBlock;
       x = Isa::Mul(x, Isa::Load(factors_ + t));
       for (int g = 1; g < plan_.f->num_segments; ++g) {
@@ -309,6 +313,10 @@ class KeyPass {
     if (!needed) return;
     constexpr int kTokens = L / kRows;
     const int lanes = plan_.lanes;
+    if (kKind == ValueKind::kLut && fused_) {
+      ScoreLutFused<kRows>(st, r0, t0, slot0, n);
+      return;
+    }
     if (kKind == ValueKind::kLut) {
       // One dispatch per segment and block: the tiles loop inside.
       for (int s = 0; s < plan_.f->num_segments; ++s) {
@@ -425,10 +433,71 @@ class KeyPass {
     }
   }
 
+  // All segments' dots of a block into one tile per 16 tokens x rows: each
+  // token's tables times its segment factors (the tile's last token repeats
+  // past n, as its slot does).
+  template <int kRows>
+  void ScoreLutFused(const BlockState& st, int r0, int64_t t0, int64_t slot0, int n) {
+    constexpr int kTokens = L / kRows;
+    for (int tt = 0; tt < n; tt += kTokens) {
+      int64_t slot[kTokens];
+      TileSlots<kTokens>(r0 == 0, t0, slot0, tt, n, slot);
+      V x[L];
+#pragma GCC unroll 16
+      for (int i = 0; i < L; ++i) x[i] = Isa::Zero();
+      for (int s = 0; s < plan_.f->num_segments; ++s) {
+        switch (plan_.segs[s].mode) {
+          case Isa::kFullWords: SegmentTile<kRows, Isa::kFullWords>(x, r0, s, slot, tt, n); break;
+          case Isa::kRepeatedWords:
+            SegmentTile<kRows, Isa::kRepeatedWords>(x, r0, s, slot, tt, n);
+            break;
+          default: SegmentTile<kRows, Isa::kThreeBitWords>(x, r0, s, slot, tt, n); break;
+        }
+      }
+      StoreDots<kRows>(st, x, r0, 0, tt);
+    }
+  }
+
+  // Segment s's share of a fused tile's dots.
+  template <int kRows, int kMode>
+  KVJAX_INLINE void SegmentTile(V* x, int r0, int s, const int64_t* slot, int tt, int n) const {
+    constexpr int kTokens = L / kRows;
+    const LutSegment& ls = plan_.segs[s];
+    const int lanes = plan_.lanes;
+    const typename Isa::Table base = Isa::LoadTable(plan_.base[s]);
+    typename Isa::Table table[kTokens];
+#pragma GCC unroll 16
+    for (int j = 0; j < kTokens; ++j) {
+      table[j] = Isa::ScaleTable(base, Isa::Set1(factors_[s * kBlock + (tt + j < n ? tt + j : n - 1)]));
+    }
+    const float* q_tile = &q_[r0 * lanes + ls.first_chunk * L];
+    for (int b = 0; b < ls.blocks; ++b) {
+      W words[kTokens];
+#pragma GCC unroll 16
+      for (int j = 0; j < kTokens; ++j) {
+        words[j] = Isa::template LutWords<kMode>(plan_.RowOf(a_.k, slot[j]), ls.block[b]);
+      }
+      const float* q_block = q_tile + b * ls.iterations * L;
+      for (int it = 0; it < ls.iterations; ++it) {
+        const W shift = ls.shift[it];
+        V q[kRows];
+#pragma GCC unroll 4
+        for (int i = 0; i < kRows; ++i) q[i] = Isa::Load(q_block + i * lanes + it * L);
+#pragma GCC unroll 16
+        for (int j = 0; j < kTokens; ++j) {
+          const V k = LutValues<kMode>(words[j], shift, table[j]);
+#pragma GCC unroll 4
+          for (int i = 0; i < kRows; ++i) x[i * kTokens + j] = Isa::Fma(q[i], k, x[i * kTokens + j]);
+        }
+      }
+    }
+  }
+
   const RunArgs& a_;
   const int rows_;
   TierPlan<kKind> plan_;
   float *q_, *q_sum_, *factors_;
+  bool fused_ = false;
 };
 
 // 5. The values: acc_r = acc_r * correction_r + sum over the row's visible
