@@ -398,37 +398,16 @@ class KeyPass {
   template <int kRows, int kMode>
   void ScoreLut(const BlockState& st, int r0, int s, int64_t t0, int64_t slot0, int n) {
     constexpr int kTokens = L / kRows;
-    const LutSegment& ls = plan_.segs[s];
-    const int lanes = plan_.lanes;
-    const typename Isa::Table table = Isa::LoadTable(plan_.base[s]);
-    const float* q_tile = &q_[r0 * lanes + ls.first_chunk * L];
+    typename Isa::Table table[kTokens];
+#pragma GCC unroll 16
+    for (int j = 0; j < kTokens; ++j) table[j] = Isa::LoadTable(plan_.base[s]);
     for (int tt = 0; tt < n; tt += kTokens) {
       int64_t slot[kTokens];
       TileSlots<kTokens>(r0 == 0 && s == 0, t0, slot0, tt, n, slot);
       V x[L];
 #pragma GCC unroll 16
       for (int i = 0; i < L; ++i) x[i] = Isa::Zero();
-      for (int b = 0; b < ls.blocks; ++b) {
-        W words[kTokens];
-#pragma GCC unroll 16
-        for (int j = 0; j < kTokens; ++j) {
-          words[j] = Isa::template LutWords<kMode % kAffineMode>(plan_.RowOf(a_.k, slot[j]),
-                                                                 ls.block[b]);
-        }
-        const float* q_block = q_tile + b * ls.iterations * L;
-        for (int it = 0; it < ls.iterations; ++it) {
-          const W shift = ls.shift[it];
-          V q[kRows];
-#pragma GCC unroll 4
-          for (int i = 0; i < kRows; ++i) q[i] = Isa::Load(q_block + i * lanes + it * L);
-#pragma GCC unroll 16
-          for (int j = 0; j < kTokens; ++j) {
-            const V k = LutValues<kMode>(words[j], shift, table);
-#pragma GCC unroll 4
-            for (int i = 0; i < kRows; ++i) x[i * kTokens + j] = Isa::Fma(q[i], k, x[i * kTokens + j]);
-          }
-        }
-      }
+      SegmentTile<kRows, kMode>(x, r0, s, slot, table);
       StoreDots<kRows>(st, x, r0, s, tt);
     }
   }
@@ -446,36 +425,40 @@ class KeyPass {
 #pragma GCC unroll 16
       for (int i = 0; i < L; ++i) x[i] = Isa::Zero();
       for (int s = 0; s < plan_.f->num_segments; ++s) {
+        const typename Isa::Table base = Isa::LoadTable(plan_.base[s]);
+        typename Isa::Table table[kTokens];
+#pragma GCC unroll 16
+        for (int j = 0; j < kTokens; ++j) {
+          const float factor = factors_[s * kBlock + (tt + j < n ? tt + j : n - 1)];
+          table[j] = Isa::ScaleTable(base, Isa::Set1(factor));
+        }
         switch (plan_.segs[s].mode) {
-          case Isa::kFullWords: SegmentTile<kRows, Isa::kFullWords>(x, r0, s, slot, tt, n); break;
+          case Isa::kFullWords: SegmentTile<kRows, Isa::kFullWords>(x, r0, s, slot, table); break;
           case Isa::kRepeatedWords:
-            SegmentTile<kRows, Isa::kRepeatedWords>(x, r0, s, slot, tt, n);
+            SegmentTile<kRows, Isa::kRepeatedWords>(x, r0, s, slot, table);
             break;
-          default: SegmentTile<kRows, Isa::kThreeBitWords>(x, r0, s, slot, tt, n); break;
+          default: SegmentTile<kRows, Isa::kThreeBitWords>(x, r0, s, slot, table); break;
         }
       }
       StoreDots<kRows>(st, x, r0, 0, tt);
     }
   }
 
-  // Segment s's share of a fused tile's dots.
+  // Segment s's dots of one tile into x: each token's words read once per
+  // word block, looked up once per iteration (chunk) in its table.
   template <int kRows, int kMode>
-  KVJAX_INLINE void SegmentTile(V* x, int r0, int s, const int64_t* slot, int tt, int n) const {
+  KVJAX_INLINE void SegmentTile(V* x, int r0, int s, const int64_t* slot,
+                                const typename Isa::Table* table) const {
     constexpr int kTokens = L / kRows;
     const LutSegment& ls = plan_.segs[s];
     const int lanes = plan_.lanes;
-    const typename Isa::Table base = Isa::LoadTable(plan_.base[s]);
-    typename Isa::Table table[kTokens];
-#pragma GCC unroll 16
-    for (int j = 0; j < kTokens; ++j) {
-      table[j] = Isa::ScaleTable(base, Isa::Set1(factors_[s * kBlock + (tt + j < n ? tt + j : n - 1)]));
-    }
     const float* q_tile = &q_[r0 * lanes + ls.first_chunk * L];
     for (int b = 0; b < ls.blocks; ++b) {
       W words[kTokens];
 #pragma GCC unroll 16
       for (int j = 0; j < kTokens; ++j) {
-        words[j] = Isa::template LutWords<kMode>(plan_.RowOf(a_.k, slot[j]), ls.block[b]);
+        words[j] = Isa::template LutWords<kMode % kAffineMode>(plan_.RowOf(a_.k, slot[j]),
+                                                               ls.block[b]);
       }
       const float* q_block = q_tile + b * ls.iterations * L;
       for (int it = 0; it < ls.iterations; ++it) {
