@@ -106,6 +106,24 @@ def test_vmap_is_one_kernel_call_with_unbatched_queries_too():
 
 
 @needs_ffi
+@pytest.mark.parametrize("store", ["turbo2p", ("q4", "turbo3.5")])
+def test_a_sequence_attends_alike_alone_and_in_a_batch(store):
+  """Bit for bit: batching (or sharding) a call changes no sequence's
+  result, the prod formats' QJL projections included (a dot's summation
+  order would follow the batch shape)."""
+  # 8 KV heads of 32: a shape where a dot's order did differ (AVX-512).
+  lengths = jnp.array([90, 41], jnp.int32)
+  k = _tokens((2, 96, 8, 32), 4)
+  spec = _spec(store=store, num_kv_heads=8, head_dim=32)
+  caches = jax.vmap(kvjax.append)(kvjax.init(spec, batch=2), k, -k, lengths)
+  q = _tokens((2, 2, 16, 32), 5)
+  batched = jax.jit(jax.vmap(lambda c, q: kvjax.attend(c, q, implementation="ffi")))(caches, q)
+  alone = jax.jit(lambda c, q: kvjax.attend(c, q, implementation="ffi"))
+  for b in range(2):
+    np.testing.assert_array_equal(alone(jax.tree.map(lambda a: a[b], caches), q[b]), batched[b])
+
+
+@needs_ffi
 def test_layer_stack_is_read_in_place():
   layers = 3
   stack = kvjax.init(_spec(capacity=4096, store="q8"), batch=layers)
