@@ -235,3 +235,21 @@ def test_standalone_checker_neon_under_qemu(aarch64_build):
                          "--cases", "200"], capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "neon: 200 cases, 0 mismatched" in proc.stdout
+
+
+def test_attention_bench_runs_every_variant_sanitized(sanitized_build):
+  """The per-token cost tool (built on request) reads every format through
+  every variant this CPU runs without a sanitizer report."""
+  build = subprocess.run(["cmake", "--build", str(sanitized_build), "--target",
+                          "kvjax_attention_bench"], capture_output=True, text=True, timeout=600)
+  assert build.returncode == 0, build.stdout + build.stderr
+  proc = subprocess.run([str(sanitized_build / "kvjax_attention_bench"), "--tokens", "200",
+                         "--reps", "1"], capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0 and not proc.stderr, proc.stdout + proc.stderr
+  listing = subprocess.run([str(sanitized_build / "kvjax_golden"), "--list"],
+                           capture_output=True, text=True).stdout
+  lines = proc.stdout.splitlines()
+  for isa in ("scalar", "avx2", "avx512"):
+    if f"{isa} supported" in listing:
+      ran = [line for line in lines if line.startswith(isa + " ")]
+      assert len(ran) == 8 and all(float(line.split()[2]) > 0 for line in ran), proc.stdout

@@ -1,0 +1,144 @@
+// kvjax_attention_bench: what one thread spends per token in each
+// decode-attention variant, by store format, with no Python or XLA (the
+// figure kernel changes are judged by; docs/attention.md). Built on request:
+//
+//   cmake -S kvjax/ffi -B build -DKVJAX_BUILD_PYTHON=OFF
+//   cmake --build build --target kvjax_attention_bench
+//   build/kvjax_attention_bench [--tokens N] [--reps R] [--isa NAME|all]
+//
+// One KV head of 128 lanes, 4 query rows (a GQA group of 4), one store run of
+// N tokens of random codes. Prints the best nanoseconds per token over R
+// calls, one line per variant and format.
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention_kernels.h"
+#include "kernels.h"
+
+namespace {
+
+using kvjax::Segment;
+using kvjax::TierFormat;
+using kvjax::ValueKind;
+
+constexpr int kDim = 128, kRows = 4;
+
+// A store format like kvjax's: raw, q8, q4 or TurboQuant-shaped segments
+// ({bits, channels, norm}; norm -1: q4's affine table), its tables in `tables`.
+struct Format {
+  const char* name;
+  ValueKind kind;
+  std::vector<Segment> segments;
+  int norm_count;
+};
+
+TierFormat Build(const Format& spec, std::vector<float>* tables) {
+  TierFormat f;
+  f.kind = spec.kind;
+  f.lanes = kDim;
+  f.norm_count = spec.norm_count;
+  if (spec.kind == ValueKind::kF32) f.row_bytes = 4 * kDim;
+  if (spec.kind == ValueKind::kBF16) f.row_bytes = 2 * kDim;
+  if (spec.kind == ValueKind::kQ8) f.row_bytes = kDim;
+  int code_offset = 0, lane_offset = 0;
+  for (Segment s : spec.segments) {
+    s.code_offset = code_offset;
+    s.lane_offset = lane_offset;
+    s.table_offset = static_cast<int32_t>(tables->size());
+    for (int i = 0; i < (1 << s.bits); ++i) tables->push_back(-1.0f + 2.0f * i / ((1 << s.bits) - 1));
+    code_offset += s.channels * s.bits / 8;
+    lane_offset += s.channels;
+    f.segments[f.num_segments++] = s;
+  }
+  if (spec.kind == ValueKind::kLut) f.row_bytes = code_offset;
+  return f;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int64_t tokens = 8192;
+  int reps = 50;
+  std::string isa = "all";
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string arg = argv[i];
+    if (arg == "--tokens") tokens = std::atoll(argv[i + 1]);
+    else if (arg == "--reps") reps = std::atoi(argv[i + 1]);
+    else if (arg == "--isa") isa = argv[i + 1];
+    else {
+      std::fprintf(stderr, "usage: kvjax_attention_bench [--tokens N] [--reps R] [--isa NAME|all]\n");
+      return 2;
+    }
+  }
+  // {bits, channels, code offset, lane offset, table offset, norm, kappa, kappa scale}
+  const std::vector<Format> formats = {
+      {"f32", ValueKind::kF32, {}, 0},
+      {"bf16", ValueKind::kBF16, {}, 0},
+      {"q8", ValueKind::kQ8, {}, 0},
+      {"q4", ValueKind::kLut, {{4, 128, 0, 0, 0, -1, -1, 0.0f}}, 0},
+      {"turbo4", ValueKind::kLut, {{4, 128, 0, 0, 0, 0, -1, 0.0f}}, 1},
+      {"turbo3", ValueKind::kLut, {{3, 128, 0, 0, 0, 0, -1, 0.0f}}, 1},
+      {"turbo2", ValueKind::kLut, {{2, 128, 0, 0, 0, 0, -1, 0.0f}}, 1},
+      {"turbo3.5", ValueKind::kLut, {{4, 64, 0, 0, 0, 0, -1, 0.0f}, {3, 64, 0, 0, 0, 1, -1, 0.0f}}, 2},
+  };
+  std::mt19937 g(1);
+  std::vector<float> q(kRows * kDim);
+  for (float& x : q) x = std::uniform_real_distribution<float>(-0.1f, 0.1f)(g);
+  std::vector<int64_t> lo(kRows, 0), hi(kRows, tokens);
+  for (const kvjax::KernelSet* k : kvjax::CompiledKernels()) {
+    if ((isa != "all" && isa != k->isa) || !kvjax::CpuSupports(k->isa) || !k->attend) continue;
+    for (const Format& spec : formats) {
+      std::vector<float> tables;
+      tables.reserve(64);
+      TierFormat f = Build(spec, &tables);
+      f.tables = tables.data();
+      std::vector<uint8_t> data(static_cast<size_t>(tokens) * f.row_bytes);
+      for (uint8_t& b : data) b = static_cast<uint8_t>(g());
+      if (spec.kind == ValueKind::kF32) {  // finite floats, not random bits
+        float* x = reinterpret_cast<float*>(data.data());
+        for (int64_t i = 0; i < tokens * kDim; ++i) x[i] = 0.01f * static_cast<float>(g() % 100);
+      }
+      if (spec.kind == ValueKind::kBF16) {
+        for (size_t i = 1; i < data.size(); i += 2) data[i] = 0x3f;
+      }
+      std::vector<float> scale(tokens, 0.01f), zero(tokens, -0.05f);
+      std::vector<uint16_t> norms(static_cast<size_t>(tokens) * std::max(1, f.norm_count), 0x3f80);
+      kvjax::RunArgs a{};
+      a.key_format = a.value_format = &f;
+      a.k.data = data.data();
+      a.k.scale = scale.data();
+      a.k.zero = zero.data();
+      a.k.norms = norms.data();
+      a.v = a.k;
+      a.count = tokens;
+      a.rows = kRows;
+      a.q = q.data();
+      a.lo = lo.data();
+      a.hi = hi.data();
+      std::vector<uint8_t> scratch(kvjax::RunScratchBytes(f, f, kRows) + 64);
+      a.scratch = scratch.data() + (64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64;
+      std::vector<float> partial(kRows * (kDim + 2));
+      std::vector<uint8_t> flags(2 * kRows);
+      double best = 1e30;
+      for (int r = 0; r < reps; ++r) {
+        std::fill(partial.begin(), partial.begin() + kRows, -__builtin_inff());
+        std::fill(partial.begin() + kRows, partial.end(), 0.0f);
+        std::fill(flags.begin(), flags.end(), 0);
+        const kvjax::Partial out{partial.data(), partial.data() + kRows, flags.data(),
+                                 flags.data() + kRows, partial.data() + 2 * kRows};
+        const auto start = std::chrono::steady_clock::now();
+        k->attend(a, out);
+        best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      }
+      std::printf("%s %s: %.1f ns/token (%lld tokens, best of %d)\n", k->isa, spec.name,
+                  best / static_cast<double>(tokens) * 1e9, static_cast<long long>(tokens), reps);
+    }
+  }
+  return 0;
+}
