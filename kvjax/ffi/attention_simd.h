@@ -116,7 +116,7 @@ struct TierPlan {
   const TierFormat* f = nullptr;
   int lanes = 0, chunks = 0;
   int* perm = nullptr;  // lane i of the kernel holds natural lane perm[i]
-  bool affine = false;  // q4: the table is 0..15, values c * scale + zero
+  bool affine = false;  // q8, q4: values c * scale + zero (q4's table is 0..15)
   LutSegment segs[kMaxSegments];
   float base[kMaxSegments][16] = {};
 
@@ -126,6 +126,7 @@ struct TierPlan {
     chunks = lanes / L;
     perm = arena->Take<int>(lanes);
     for (int i = 0; i < lanes; ++i) perm[i] = i;
+    affine = kKind == ValueKind::kQ8;
     if (kKind != ValueKind::kLut) return;
     affine = format.segments[0].norm_index < 0;
     for (int s = 0; s < format.num_segments; ++s) {
@@ -156,14 +157,14 @@ struct TierPlan {
     return d.data + slot * f->row_bytes;
   }
 
-  // Chunk `c` of a token of a raw or q8 tier, as floats.
+  // Chunk `c` of a token of a raw or q8 tier, as floats (q8: its codes; the
+  // scale and zero apply per token, to the dot or the weight, as for q4).
   KVJAX_INLINE V Direct(const TierData& d, int64_t slot, int c) const {
     const uint8_t* row = RowOf(d, slot);
     if (kKind == ValueKind::kF32) return Isa::LoadF32(row, c);
     if (kKind == ValueKind::kBF16) return Isa::LoadBF16(row, c);
     if (kKind == ValueKind::kF16) return Isa::LoadF16(row, c);
-    // q8, dequantized as materialize does: c * scale + zero.
-    return Isa::Fma(Isa::LoadU8(row, c), Isa::Set1(d.scale[slot]), Isa::Set1(d.zero[slot]));
+    return Isa::LoadU8(row, c);
   }
 
   // Per-token factors of each kLut segment's values (norms, QJL
@@ -292,6 +293,10 @@ class KeyPass {
   KVJAX_INLINE V Logits(const BlockState& st, int r, int64_t slot0, int t, int n) const {
     const float* s = &st.scores[r * kBlock];
     V x = Isa::Load(s + t);
+    if (kKind == ValueKind::kQ8) {  // s (q . c) + z sum(q)
+      return Isa::Fma(Isa::Set1(q_sum_[r]), Isa::LoadPartial(a_.k.zero + slot0 + t, n - t),
+                      Isa::Mul(x, Isa::LoadPartial(a_.k.scale + slot0 + t, n - t)));
+    }
     if (kKind == ValueKind::kLut && !fused_) {
       const size_t plane = static_cast<size_t>(rows_) * kBlock;
       x = Isa::Mul(x, Isa::Load(factors_ + t));
@@ -509,17 +514,22 @@ class ValuePass {
   void Factors(int64_t slot0, int n) { plan_.Factors(a_.v, slot0, n, factors_); }
 
   // The weights of row r for block tokens t .. t + L from their softmax
-  // weights p: times each kLut segment's factor; q4's p z summed apart.
+  // weights p: times each kLut segment's factor (q8: its scale); the affine
+  // formats' p z summed apart.
   KVJAX_INLINE void Weights(const BlockState& st, int r, const RowSpan& row, int64_t slot0, int t,
                             int n, V p, V* zero_sum) const {
     float* w = &st.weights[r * kBlock];
-    if (kKind != ValueKind::kLut) {
+    if (kKind != ValueKind::kLut && kKind != ValueKind::kQ8) {
       Isa::Store(w + t, p);
       return;
     }
-    const size_t plane = static_cast<size_t>(rows_) * kBlock;
-    for (int g = 0; g < plan_.f->num_segments; ++g) {
-      Isa::Store(w + g * plane + t, Isa::Mul(p, Isa::Load(factors_ + g * kBlock + t)));
+    if (kKind == ValueKind::kQ8) {
+      Isa::Store(w + t, Isa::Mul(p, Isa::LoadPartial(a_.v.scale + slot0 + t, n - t)));
+    } else {
+      const size_t plane = static_cast<size_t>(rows_) * kBlock;
+      for (int g = 0; g < plan_.f->num_segments; ++g) {
+        Isa::Store(w + g * plane + t, Isa::Mul(p, Isa::Load(factors_ + g * kBlock + t)));
+      }
     }
     if (plan_.affine) {  // select: a masked token's zero (maybe NaN) never enters
       const M visible = Isa::SpanMask(t, row.vb, row.ve);
