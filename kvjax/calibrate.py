@@ -307,17 +307,18 @@ def main(argv=None) -> int:
   p.add_argument("--out", default="policy.json", help="policy file (default: %(default)s)")
   p.add_argument("--model", default="smollm2", choices=["smollm2", "random"])
   p.add_argument("--tokens", type=int, default=1024, help="calibration tokens")
-  p.add_argument("--min-context", type=int, default=0,
+  p.add_argument("--min-context", type=int, default=None,
                  help="measure errors and KL only at positions with at least this many "
-                 "tokens before them, as a long-context decode reads (default: %(default)s)")
+                 "tokens before them, as a long-context decode reads (default: half of "
+                 "--tokens)")
   p.add_argument("--sinks", type=int, default=4, help="tokens kept exact (the demo's sinks)")
   p.add_argument("--tail", type=int, default=32, help="the hot tail (the demo's)")
   p.add_argument("--migrate-batch", type=int, default=32, help="as the demo's")
   p.add_argument("--candidates", default=",".join(CANDIDATES))
-  p.add_argument("--probe", default="turbo2",
+  p.add_argument("--probe", default="turbo3",
                  help="format whose effect on KL, layer by layer, calibrates the "
                  "attention errors (default: %(default)s)")
-  p.add_argument("--refine", type=int, default=1,
+  p.add_argument("--refine", type=int, default=2,
                  help="rounds of measured-KL refinement around the chosen policy "
                  "(each 4 forward passes per layer; default: %(default)s)")
   p.add_argument("--kl-chunk", type=int, default=1,
@@ -349,7 +350,7 @@ def main(argv=None) -> int:
   q, k, v = jax.jit(lambda p, t: llama.attention_inputs_per_layer(p, config, t))(params, tokens)
   bits = {f: bits_per_value(f, config.head_dim) for f in candidates}
   exact = exact_keys(len(tokens), args.sinks, args.tail, args.migrate_batch)
-  start = args.min_context
+  start = len(tokens) // 2 if args.min_context is None else args.min_context
   if not 0 <= start < len(tokens):
     p.error(f"--min-context: expected 0 <= N < {len(tokens)} (the calibration tokens), "
             f"got {start}")
