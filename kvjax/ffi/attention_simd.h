@@ -789,7 +789,8 @@ class SimdRun {
       const float bm = Isa::ReduceMax(block_max);
       const float new_max = bm > old_max ? bm : old_max;
       const float shift = new_max == -__builtin_inff() ? 0.0f : new_max;
-      row.correction = std::exp(old_max - shift);
+      // exp(0) is 1: most blocks keep the running max (no libm call).
+      row.correction = old_max == shift ? 1.0f : std::exp(old_max - shift);
       out_.max[r] = new_max;
       V sum = Isa::Zero(), zero_sum = Isa::Zero();
       const V shift_v = Isa::Set1(shift);
