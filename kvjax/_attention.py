@@ -72,6 +72,21 @@ def empty_softmax(h: int, rows: int, d: int, store_lanes: int) -> _Softmax:
                   jnp.zeros((h, rows), bool), jnp.zeros((h, rows), bool))
 
 
+# Below this gap exp(gap) is 0 in float64 too.
+_FLOAT64_EXP_FLOOR = -745.13
+
+
+def softmax_weight(gap):
+  """A softmax weight `exp(gap)` (gap = logit - max, or a correction old max
+  - new max). Where float32's exp underflows but float64's does not (-745 <
+  gap < -87) it is float32's smallest normal instead of 0: an Inf value times
+  it stays Inf, as in the float64 reference (0 * Inf would be NaN), and a
+  finite value v adds at most 1.2e-38 |v|. The kernel's `SoftmaxWeight`."""
+  p = jnp.exp(gap)
+  tiny = jnp.finfo(jnp.float32).tiny
+  return jnp.where(gap > _FLOAT64_EXP_FLOOR, jnp.maximum(p, tiny), p)
+
+
 def merge_softmax(a: _Softmax, b: _Softmax, into=None) -> _Softmax:
   """The state of the keys of `a` and of `b` together (log-sum-exp). With
   `into` (int `[W]`), `a` is a batch `[B, ...]` and `b` a batch `[W, ...]`
@@ -88,8 +103,8 @@ def merge_softmax(a: _Softmax, b: _Softmax, into=None) -> _Softmax:
   # As in `fold_block`: a row without a finite logit shifts by 0, and a NaN
   # row's values no longer matter.
   shift = jnp.where((new_max == -jnp.inf) | nan, 0.0, new_max)
-  scale_a = jnp.exp(jnp.where(nan, 0.0, a.max - shift))
-  scale_b = jnp.exp(jnp.where(gather(nan), 0.0, b.max - gather(shift)))
+  scale_a = softmax_weight(jnp.where(nan, 0.0, a.max - shift))
+  scale_b = softmax_weight(jnp.where(gather(nan), 0.0, b.max - gather(shift)))
   return _Softmax(
       max=new_max, denom=add(a.denom * scale_a, b.denom * scale_b),
       acc=add(a.acc * scale_a[..., None], b.acc * scale_b[..., None]),
@@ -153,8 +168,8 @@ def fold_block(state: _Softmax, query: _Query, formats, prepared_q, keys, values
   # A row that has seen no finite logit keeps max = -inf; shift it by 0
   # instead (and a NaN row's values no longer matter).
   shift = jnp.where((new_max == -jnp.inf) | nan, 0.0, new_max)
-  p = jnp.exp(s - shift[..., None])
-  correction = jnp.exp(jnp.where(nan, 0.0, state.max - shift))[..., None]
+  p = softmax_weight(s - shift[..., None])
+  correction = softmax_weight(jnp.where(nan, 0.0, state.max - shift))[..., None]
   acc, store_acc = state.acc * correction, state.store_acc * correction
   weighted, bad_values = _weighted_values(value_format, p, visible, values)
   if store:

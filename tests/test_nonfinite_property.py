@@ -13,7 +13,10 @@ elsewhere, on every implementation.
 
 Huge keys come at most once per program: two keys whose logits agree in
 float32 but differ in float64 would make a difference that no float32
-computation can reproduce (see docs/api.md, non-finite values).
+computation can reproduce (see docs/api.md, non-finite values). The same slot
+sometimes holds a large key instead (logits a few hundred apart): then the
+weights of other tokens underflow in float32 but not in float64, so an
+infinite value among them must stay infinite (not 0 * Inf = NaN).
 """
 
 import functools
@@ -40,6 +43,7 @@ EXAMPLES = 17  # x 8 programs x 15 formats = 2,040 programs (8,160 attends)
 SOFTCAP = 3.0
 BAD_VALUES = (np.nan, np.inf, -np.inf)
 HUGE_KEY = 1e30
+LARGE_KEY = 400.0  # logits up to ~1e2 x |q|: gaps past float32's exp range (87)
 HUGE_VALUES = (1e30, -1e30, 7e4)  # 7e4: finite in float32 / bfloat16, Inf in float16
 
 
@@ -101,7 +105,8 @@ def build(programs):
                                      else HUGE_VALUES[kind - 3])
     if prog["huge_key"] is not None:
       _, step, tok, head, ch, kind = prog["huge_key"]
-      k[step, tok, head, ch] = HUGE_KEY * (1 if kind % 2 else -1)
+      magnitude = LARGE_KEY if kind // 2 == 1 else HUGE_KEY
+      k[step, tok, head, ch] = magnitude * (1 if kind % 2 else -1)
     q = rng.normal(size=(STEPS, N_Q, HQ, D)).astype(np.float32)
     # Query positions around the length after each step's append.
     length, q_pos = 0, np.zeros((STEPS, N_Q), np.int32)

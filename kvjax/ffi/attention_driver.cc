@@ -239,7 +239,7 @@ void RunAttend(const AttendProblem& p, AttendRunFn run, int threads,
           const float* part = &partials[item.scratch];
           if (part[2 * rows + r] == 0.0f) continue;
           const int lanes = item.store ? store_lanes : hot_lanes;
-          const float weight = std::exp(part[r] - shift);
+          const float weight = SoftmaxWeight(part[r] - shift);
           denom += part[rows + r] * weight;
           const float* acc = part + 4 * rows + static_cast<int64_t>(r) * lanes;
           float* row = item.store ? store_row : hot_row;

@@ -12,14 +12,31 @@
 // Semantics (docs/api.md, non-finite values): a token outside a row's
 // visible positions is never read for that row (select, never multiply by
 // zero); a visible NaN or +Inf logit makes the row NaN; a row that sees
-// tokens whose logits are all -Inf has denominator 0 (0/0 = NaN at the end).
+// tokens whose logits are all -Inf has denominator 0 (0/0 = NaN at the end);
+// softmax weights are `SoftmaxWeight`s, so an infinite value stays infinite
+// wherever float64's weight is not 0.
 #ifndef KVJAX_FFI_ATTENTION_KERNELS_H_
 #define KVJAX_FFI_ATTENTION_KERNELS_H_
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
 namespace kvjax {
+
+// Below this gap exp(gap) is 0 in float64 too.
+constexpr float kFloat64ExpFloor = -745.13f;
+constexpr float kFloat32Min = 1.17549435e-38f;  // FLT_MIN, normal under FTZ/DAZ
+
+// A softmax weight exp(gap), for gap = logit - max or a correction old max -
+// new max (<= 0). Where float32's exp underflows but float64's does not
+// (-745 < gap < -87), FLT_MIN instead of 0: an Inf value times it stays Inf,
+// as in the float64 reference (0 * Inf would be NaN); a finite value v adds
+// at most FLT_MIN * |v|.
+inline float SoftmaxWeight(float gap) {
+  const float p = std::exp(gap);
+  return gap > kFloat64ExpFloor && p < kFloat32Min ? kFloat32Min : p;
+}
 
 // How a tier stores one token of one head (the kvjax/_formats.py formats).
 enum class ValueKind : int32_t {

@@ -40,8 +40,8 @@ void AttendRun(const RunArgs& a, const Partial& out) {
       const float new_max = s > old_max ? s : old_max;
       // Until a finite logit arrives the max is -inf: shift by 0 instead.
       const float shift = new_max == -std::numeric_limits<float>::infinity() ? 0.0f : new_max;
-      const float correction = std::exp(old_max - shift);
-      const float p = std::exp(s - shift);
+      const float correction = SoftmaxWeight(old_max - shift);
+      const float p = SoftmaxWeight(s - shift);
       out.max[r] = new_max;
       out.denom[r] = out.denom[r] * correction + p;
       float* acc = out.acc + static_cast<int64_t>(r) * value.lanes;

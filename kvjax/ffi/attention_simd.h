@@ -65,6 +65,14 @@ KVJAX_INLINE typename Isa::V VecExp(typename Isa::V x) {
   return Isa::Select(Isa::Less(x, Isa::Set1(-87.3f)), Isa::Zero(), Isa::Ldexp(p, n));
 }
 
+// SoftmaxWeight (attention_kernels.h) on every lane: FLT_MIN where float32's
+// exp underflows and float64's would not.
+KVJAX_INLINE typename Isa::V VecSoftmaxWeight(typename Isa::V gap) {
+  const typename Isa::V p = VecExp(gap);
+  return Isa::Select(Isa::Less(Isa::Set1(kFloat64ExpFloor), gap),
+                     Isa::Max(p, Isa::Set1(kFloat32Min)), p);
+}
+
 // tanh(x) = -expm1(-2|x|) / (2 + expm1(-2|x|)) with the sign of x; expm1 by
 // its series below 0.625, so small logits keep their relative precision;
 // +-Inf give +-1 and NaN gives NaN.
@@ -790,12 +798,12 @@ class SimdRun {
       const float new_max = bm > old_max ? bm : old_max;
       const float shift = new_max == -__builtin_inff() ? 0.0f : new_max;
       // exp(0) is 1: most blocks keep the running max (no libm call).
-      row.correction = old_max == shift ? 1.0f : std::exp(old_max - shift);
+      row.correction = old_max == shift ? 1.0f : SoftmaxWeight(old_max - shift);
       out_.max[r] = new_max;
       V sum = Isa::Zero(), zero_sum = Isa::Zero();
       const V shift_v = Isa::Set1(shift);
       for (int t = 0; t < n; t += L) {
-        const V p = VecExp(Isa::Sub(Isa::Load(s + t), shift_v));  // masked: 0
+        const V p = VecSoftmaxWeight(Isa::Sub(Isa::Load(s + t), shift_v));  // masked: 0
         sum = Isa::Add(sum, p);
         values_.Weights(st_, r, row, slot0, t, n, p, &zero_sum);
       }
