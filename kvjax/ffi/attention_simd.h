@@ -114,6 +114,26 @@ struct LutSegment {
 
 constexpr int kBlock = 64;  // tokens per block: a multiple of Isa::kLanes
 
+// A kLut segment's word mode as a type, for one instantiation per mode.
+template <int kMode>
+struct WordMode {
+  static constexpr int value = kMode;
+};
+
+// fn(WordMode<mode>{}) for every mode a segment can have.
+template <typename Fn>
+KVJAX_INLINE void WithWordMode(int mode, const Fn& fn) {
+  switch (mode) {
+    case Isa::kFullWords: fn(WordMode<Isa::kFullWords>{}); return;
+    case Isa::kRepeatedWords: fn(WordMode<Isa::kRepeatedWords>{}); return;
+    case Isa::kFullWords + kAffineMode: fn(WordMode<Isa::kFullWords + kAffineMode>{}); return;
+    case Isa::kRepeatedWords + kAffineMode:
+      fn(WordMode<Isa::kRepeatedWords + kAffineMode>{});
+      return;
+    default: fn(WordMode<Isa::kThreeBitWords>{}); return;
+  }
+}
+
 // How the kernel reads one tier format (the keys' or the values'): its lane
 // order, and for kLut formats each segment's word plan and codebook.
 template <ValueKind kKind>
@@ -333,19 +353,9 @@ class KeyPass {
     if (kKind == ValueKind::kLut) {
       // One dispatch per segment and block: the tiles loop inside.
       for (int s = 0; s < plan_.f->num_segments; ++s) {
-        switch (plan_.segs[s].mode) {
-          case Isa::kFullWords: ScoreLut<kRows, Isa::kFullWords>(st, r0, s, t0, slot0, n); break;
-          case Isa::kRepeatedWords:
-            ScoreLut<kRows, Isa::kRepeatedWords>(st, r0, s, t0, slot0, n);
-            break;
-          case Isa::kFullWords + kAffineMode:
-            ScoreLut<kRows, Isa::kFullWords + kAffineMode>(st, r0, s, t0, slot0, n);
-            break;
-          case Isa::kRepeatedWords + kAffineMode:
-            ScoreLut<kRows, Isa::kRepeatedWords + kAffineMode>(st, r0, s, t0, slot0, n);
-            break;
-          default: ScoreLut<kRows, Isa::kThreeBitWords>(st, r0, s, t0, slot0, n); break;
-        }
+        WithWordMode(plan_.segs[s].mode, [&](auto mode) {
+          ScoreLut<kRows, decltype(mode)::value>(st, r0, s, t0, slot0, n);
+        });
       }
       return;
     }
@@ -445,6 +455,7 @@ class KeyPass {
           const float factor = factors_[s * kBlock + (tt + j < n ? tt + j : n - 1)];
           table[j] = Isa::ScaleTable(base, Isa::Set1(factor));
         }
+        // Fused segments have norms: never an affine mode.
         switch (plan_.segs[s].mode) {
           case Isa::kFullWords: SegmentTile<kRows, Isa::kFullWords>(x, r0, s, slot, table); break;
           case Isa::kRepeatedWords:
@@ -597,19 +608,9 @@ class ValuePass {
       for (int s = 0; s < plan_.f->num_segments; ++s) {
         const LutSegment& ls = plan_.segs[s];
         for (int b = 0; b < ls.blocks; ++b) {
-          switch (ls.mode) {
-            case Isa::kFullWords: ValueBlock<kRows, Isa::kFullWords>(st, r0, slot0, span, s, b); break;
-            case Isa::kRepeatedWords:
-              ValueBlock<kRows, Isa::kRepeatedWords>(st, r0, slot0, span, s, b);
-              break;
-            case Isa::kFullWords + kAffineMode:
-              ValueBlock<kRows, Isa::kFullWords + kAffineMode>(st, r0, slot0, span, s, b);
-              break;
-            case Isa::kRepeatedWords + kAffineMode:
-              ValueBlock<kRows, Isa::kRepeatedWords + kAffineMode>(st, r0, slot0, span, s, b);
-              break;
-            default: ValueBlock<kRows, Isa::kThreeBitWords>(st, r0, slot0, span, s, b); break;
-          }
+          WithWordMode(ls.mode, [&](auto mode) {
+            ValueBlock<kRows, decltype(mode)::value>(st, r0, slot0, span, s, b);
+          });
         }
       }
     } else {
