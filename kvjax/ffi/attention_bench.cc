@@ -5,6 +5,7 @@
 //   cmake -S kvjax/ffi -B build -DKVJAX_BUILD_PYTHON=OFF
 //   cmake --build build --target kvjax_attention_bench
 //   build/kvjax_attention_bench [--tokens N] [--reps R] [--isa NAME|all]
+//                               [--formats NAME,NAME]
 //
 // One KV head of 128 lanes, 4 query rows (a GQA group of 4), one store run of
 // N tokens of random codes. Prints the best nanoseconds per token over R
@@ -65,14 +66,17 @@ TierFormat Build(const Format& spec, std::vector<float>* tables) {
 int main(int argc, char** argv) {
   int64_t tokens = 8192;
   int reps = 50;
-  std::string isa = "all";
+  std::string isa = "all", names = "all";
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string arg = argv[i];
     if (arg == "--tokens") tokens = std::atoll(argv[i + 1]);
     else if (arg == "--reps") reps = std::atoi(argv[i + 1]);
     else if (arg == "--isa") isa = argv[i + 1];
+    else if (arg == "--formats") names = "," + std::string(argv[i + 1]) + ",";
     else {
-      std::fprintf(stderr, "usage: kvjax_attention_bench [--tokens N] [--reps R] [--isa NAME|all]\n");
+      std::fprintf(stderr,
+                   "usage: kvjax_attention_bench [--tokens N] [--reps R] [--isa NAME|all] "
+                   "[--formats NAME,NAME]\n");
       return 2;
     }
   }
@@ -94,6 +98,9 @@ int main(int argc, char** argv) {
   for (const kvjax::KernelSet* k : kvjax::CompiledKernels()) {
     if ((isa != "all" && isa != k->isa) || !kvjax::CpuSupports(k->isa) || !k->attend) continue;
     for (const Format& spec : formats) {
+      if (names != "all" && names.find("," + std::string(spec.name) + ",") == std::string::npos) {
+        continue;
+      }
       std::vector<float> tables;
       tables.reserve(64);
       TierFormat f = Build(spec, &tables);
