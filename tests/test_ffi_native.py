@@ -253,3 +253,13 @@ def test_attention_bench_runs_every_variant_sanitized(sanitized_build):
     if f"{isa} supported" in listing:
       ran = [line for line in lines if line.startswith(isa + " ")]
       assert len(ran) == 8 and all(float(line.split()[2]) > 0 for line in ran), proc.stdout
+  # SmolLM2's shape (3-row tiles, split halves of 32 lanes), two formats.
+  proc = subprocess.run([str(sanitized_build / "kvjax_attention_bench"), "--tokens", "100",
+                         "--reps", "1", "--dim", "64", "--rows", "3", "--formats", "q4,turbo3.5"],
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0 and not proc.stderr, proc.stdout + proc.stderr
+  names = sorted({line.split()[1] for line in proc.stdout.splitlines()})
+  assert names == ["q4:", "turbo3.5:"], proc.stdout
+  bad = subprocess.run([str(sanitized_build / "kvjax_attention_bench"), "--dim", "48"],
+                       capture_output=True, text=True, timeout=60)
+  assert bad.returncode == 2 and "--dim" in bad.stderr, bad.stderr

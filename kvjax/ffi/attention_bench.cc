@@ -5,10 +5,11 @@
 //   cmake -S kvjax/ffi -B build -DKVJAX_BUILD_PYTHON=OFF
 //   cmake --build build --target kvjax_attention_bench
 //   build/kvjax_attention_bench [--tokens N] [--reps R] [--isa NAME|all]
-//                               [--formats NAME,NAME]
+//                               [--formats NAME,NAME] [--dim D] [--rows R]
 //
-// One KV head of 128 lanes, 4 query rows (a GQA group of 4), one store run of
-// N tokens of random codes. Prints the best nanoseconds per token over R
+// One KV head of D lanes (128; a multiple of 32), R query rows (4: a GQA
+// group of 4; SmolLM2 is --dim 64 --rows 3), one store run of N tokens of
+// random codes. Prints the best nanoseconds per token over R
 // calls, one line per variant and format.
 #include <algorithm>
 #include <chrono>
@@ -28,7 +29,8 @@ using kvjax::Segment;
 using kvjax::TierFormat;
 using kvjax::ValueKind;
 
-constexpr int kDim = 128, kRows = 4;
+// One KV head of `dim` lanes, `rows` query rows (flags --dim, --rows).
+int dim = 128, rows = 4;
 
 // A store format like kvjax's: raw, q8, q4 or TurboQuant-shaped segments
 // ({bits, channels, norm}; norm -1: q4's affine table), its tables in `tables`.
@@ -42,13 +44,14 @@ struct Format {
 TierFormat Build(const Format& spec, std::vector<float>* tables) {
   TierFormat f;
   f.kind = spec.kind;
-  f.lanes = kDim;
+  f.lanes = dim;
   f.norm_count = spec.norm_count;
-  if (spec.kind == ValueKind::kF32) f.row_bytes = 4 * kDim;
-  if (spec.kind == ValueKind::kBF16) f.row_bytes = 2 * kDim;
-  if (spec.kind == ValueKind::kQ8) f.row_bytes = kDim;
+  if (spec.kind == ValueKind::kF32) f.row_bytes = 4 * dim;
+  if (spec.kind == ValueKind::kBF16) f.row_bytes = 2 * dim;
+  if (spec.kind == ValueKind::kQ8) f.row_bytes = dim;
   int code_offset = 0, lane_offset = 0;
   for (Segment s : spec.segments) {
+    s.channels = s.channels * dim / 128;  // the specs are written for 128 lanes
     s.code_offset = code_offset;
     s.lane_offset = lane_offset;
     s.table_offset = static_cast<int32_t>(tables->size());
@@ -73,12 +76,18 @@ int main(int argc, char** argv) {
     else if (arg == "--reps") reps = std::atoi(argv[i + 1]);
     else if (arg == "--isa") isa = argv[i + 1];
     else if (arg == "--formats") names = "," + std::string(argv[i + 1]) + ",";
+    else if (arg == "--dim") dim = std::atoi(argv[i + 1]);
+    else if (arg == "--rows") rows = std::atoi(argv[i + 1]);
     else {
       std::fprintf(stderr,
                    "usage: kvjax_attention_bench [--tokens N] [--reps R] [--isa NAME|all] "
-                   "[--formats NAME,NAME]\n");
+                   "[--formats NAME,NAME] [--dim D] [--rows R]\n");
       return 2;
     }
+  }
+  if (dim < 32 || dim % 32 != 0 || rows < 1) {
+    std::fprintf(stderr, "--dim: expected a positive multiple of 32, --rows at least 1\n");
+    return 2;
   }
   // {bits, channels, code offset, lane offset, table offset, norm, kappa, kappa scale}
   const std::vector<Format> formats = {
@@ -92,9 +101,9 @@ int main(int argc, char** argv) {
       {"turbo3.5", ValueKind::kLut, {{4, 64, 0, 0, 0, 0, -1, 0.0f}, {3, 64, 0, 0, 0, 1, -1, 0.0f}}, 2},
   };
   std::mt19937 g(1);
-  std::vector<float> q(kRows * kDim);
+  std::vector<float> q(rows * dim);
   for (float& x : q) x = std::uniform_real_distribution<float>(-0.1f, 0.1f)(g);
-  std::vector<int64_t> lo(kRows, 0), hi(kRows, tokens);
+  std::vector<int64_t> lo(rows, 0), hi(rows, tokens);
   for (const kvjax::KernelSet* k : kvjax::CompiledKernels()) {
     if ((isa != "all" && isa != k->isa) || !kvjax::CpuSupports(k->isa) || !k->attend) continue;
     for (const Format& spec : formats) {
@@ -109,7 +118,7 @@ int main(int argc, char** argv) {
       for (uint8_t& b : data) b = static_cast<uint8_t>(g());
       if (spec.kind == ValueKind::kF32) {  // finite floats, not random bits
         float* x = reinterpret_cast<float*>(data.data());
-        for (int64_t i = 0; i < tokens * kDim; ++i) x[i] = 0.01f * static_cast<float>(g() % 100);
+        for (int64_t i = 0; i < tokens * dim; ++i) x[i] = 0.01f * static_cast<float>(g() % 100);
       }
       if (spec.kind == ValueKind::kBF16) {
         for (size_t i = 1; i < data.size(); i += 2) data[i] = 0x3f;
@@ -124,21 +133,21 @@ int main(int argc, char** argv) {
       a.k.norms = norms.data();
       a.v = a.k;
       a.count = tokens;
-      a.rows = kRows;
+      a.rows = rows;
       a.q = q.data();
       a.lo = lo.data();
       a.hi = hi.data();
-      std::vector<uint8_t> scratch(kvjax::RunScratchBytes(f, f, kRows) + 64);
+      std::vector<uint8_t> scratch(kvjax::RunScratchBytes(f, f, rows) + 64);
       a.scratch = scratch.data() + (64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64;
-      std::vector<float> partial(kRows * (kDim + 2));
-      std::vector<uint8_t> flags(2 * kRows);
+      std::vector<float> partial(rows * (dim + 2));
+      std::vector<uint8_t> flags(2 * rows);
       double best = 1e30;
       for (int r = 0; r < reps; ++r) {
-        std::fill(partial.begin(), partial.begin() + kRows, -__builtin_inff());
-        std::fill(partial.begin() + kRows, partial.end(), 0.0f);
+        std::fill(partial.begin(), partial.begin() + rows, -__builtin_inff());
+        std::fill(partial.begin() + rows, partial.end(), 0.0f);
         std::fill(flags.begin(), flags.end(), 0);
-        const kvjax::Partial out{partial.data(), partial.data() + kRows, flags.data(),
-                                 flags.data() + kRows, partial.data() + 2 * kRows};
+        const kvjax::Partial out{partial.data(), partial.data() + rows, flags.data(),
+                                 flags.data() + rows, partial.data() + 2 * rows};
         const auto start = std::chrono::steady_clock::now();
         k->attend(a, out);
         best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
