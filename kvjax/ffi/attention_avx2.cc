@@ -24,6 +24,10 @@ namespace {
 
 struct Isa {
   static constexpr int kLanes = 8;
+  // Tokens per key tile of `rows` rows: one vector of dots, but 3 rows
+  // (GQA 3, SmolLM2) take 4 tokens (12 accumulators) rather than 2, which
+  // left the tile's reduction and bookkeeping a third of the key pass.
+  static constexpr int TileTokens(int rows) { return rows == 3 ? 4 : kLanes / rows; }
   // Value chunks per tile: with 16 registers, 4 rows x 4 chunks spill accumulators
   // (measured 5-10% slower on Zen 3 than 4 x 2).
   static constexpr int kValueChunks = 2;

@@ -25,6 +25,8 @@ namespace {
 
 struct Isa {
   static constexpr int kLanes = 16;
+  // Tokens per key tile of `rows` rows: one vector of dots.
+  static constexpr int TileTokens(int rows) { return kLanes / rows; }
   // Value chunks per tile: 4 rows x 4 chunks of accumulators fit its 32 registers.
   static constexpr int kValueChunks = 4;
   using V = __m512;

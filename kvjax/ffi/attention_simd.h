@@ -344,7 +344,7 @@ class KeyPass {
     bool needed = false;
     for (int i = 0; i < kRows; ++i) needed = needed || st.row[r0 + i].active;
     if (!needed) return;
-    constexpr int kTokens = L / kRows;
+    constexpr int kTokens = Isa::TileTokens(kRows);
     const int lanes = plan_.lanes;
     if (kKind == ValueKind::kLut && fused_) {
       ScoreLutFused<kRows>(st, r0, t0, slot0, n);
@@ -362,9 +362,9 @@ class KeyPass {
     for (int tt = 0; tt < n; tt += kTokens) {
       int64_t slot[kTokens];
       TileSlots<kTokens>(r0 == 0, t0, slot0, tt, n, slot);
-      V x[L];
+      V x[kRows * kTokens];
 #pragma GCC unroll 16
-      for (int i = 0; i < L; ++i) x[i] = Isa::Zero();
+      for (int i = 0; i < kRows * kTokens; ++i) x[i] = Isa::Zero();
       for (int c = 0; c < plan_.chunks; ++c) {
         V q[kRows];
 #pragma GCC unroll 4
@@ -380,17 +380,21 @@ class KeyPass {
     }
   }
 
-  // The dots of kRows rows x L / kRows tokens from the tile's accumulators,
-  // taken as a copy: were the accumulators' own address taken, GCC would keep
-  // them in memory through the whole loop.
+  // The dots of kRows rows x Isa::TileTokens(kRows) tokens from the tile's
+  // accumulators, L at a time, taken as a copy: were the accumulators' own
+  // address taken, GCC would keep them in memory through the whole loop.
   template <int kRows>
   KVJAX_INLINE void StoreDots(const BlockState& st, const V* accumulators, int r0, int s, int tt) {
-    constexpr int kTokens = L / kRows;
-    V x[L];
+    constexpr int kTokens = Isa::TileTokens(kRows);
+    constexpr int kDots = kRows * kTokens, kGroups = (kDots + L - 1) / L;
+    alignas(64) float dots[kGroups * L];
+#pragma GCC unroll 2
+    for (int g = 0; g < kGroups; ++g) {
+      V x[L];
 #pragma GCC unroll 16
-    for (int i = 0; i < L; ++i) x[i] = accumulators[i];
-    alignas(64) float dots[L];
-    Isa::Store(dots, Isa::ReduceTile(x));
+      for (int i = 0; i < L; ++i) x[i] = g * L + i < kDots ? accumulators[g * L + i] : Isa::Zero();
+      Isa::Store(dots + g * L, Isa::ReduceTile(x));
+    }
     // Dots of tokens past n are masked before any use (Softmax), so only a
     // block row's end bounds the copy: whole tiles where kTokens divides it.
     float* out = st.scores + static_cast<size_t>(s) * rows_ * kBlock;
@@ -420,16 +424,16 @@ class KeyPass {
   // segment's table in registers.
   template <int kRows, int kMode>
   void ScoreLut(const BlockState& st, int r0, int s, int64_t t0, int64_t slot0, int n) {
-    constexpr int kTokens = L / kRows;
+    constexpr int kTokens = Isa::TileTokens(kRows);
     typename Isa::Table table[kTokens];
 #pragma GCC unroll 16
     for (int j = 0; j < kTokens; ++j) table[j] = Isa::LoadTable(plan_.base[s]);
     for (int tt = 0; tt < n; tt += kTokens) {
       int64_t slot[kTokens];
       TileSlots<kTokens>(r0 == 0 && s == 0, t0, slot0, tt, n, slot);
-      V x[L];
+      V x[kRows * kTokens];
 #pragma GCC unroll 16
-      for (int i = 0; i < L; ++i) x[i] = Isa::Zero();
+      for (int i = 0; i < kRows * kTokens; ++i) x[i] = Isa::Zero();
       SegmentTile<kRows, kMode>(x, r0, s, slot, table);
       StoreDots<kRows>(st, x, r0, s, tt);
     }
@@ -440,13 +444,13 @@ class KeyPass {
   // past n, as its slot does).
   template <int kRows>
   void ScoreLutFused(const BlockState& st, int r0, int64_t t0, int64_t slot0, int n) {
-    constexpr int kTokens = L / kRows;
+    constexpr int kTokens = Isa::TileTokens(kRows);
     for (int tt = 0; tt < n; tt += kTokens) {
       int64_t slot[kTokens];
       TileSlots<kTokens>(r0 == 0, t0, slot0, tt, n, slot);
-      V x[L];
+      V x[kRows * kTokens];
 #pragma GCC unroll 16
-      for (int i = 0; i < L; ++i) x[i] = Isa::Zero();
+      for (int i = 0; i < kRows * kTokens; ++i) x[i] = Isa::Zero();
       for (int s = 0; s < plan_.f->num_segments; ++s) {
         const typename Isa::Table base = Isa::LoadTable(plan_.base[s]);
         typename Isa::Table table[kTokens];
@@ -473,7 +477,7 @@ class KeyPass {
   template <int kRows, int kMode>
   KVJAX_INLINE void SegmentTile(V* x, int r0, int s, const int64_t* slot,
                                 const typename Isa::Table* table) const {
-    constexpr int kTokens = L / kRows;
+    constexpr int kTokens = Isa::TileTokens(kRows);
     const LutSegment& ls = plan_.segs[s];
     const int lanes = plan_.lanes;
     const float* q_tile = &q_[r0 * lanes + ls.first_chunk * L];
