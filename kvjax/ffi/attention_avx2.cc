@@ -28,6 +28,8 @@ struct Isa {
   // (GQA 3, SmolLM2) take 4 tokens (12 accumulators) rather than 2, which
   // left the tile's reduction and bookkeeping a third of the key pass.
   static constexpr int TileTokens(int rows) { return rows == 3 ? 4 : kLanes / rows; }
+  // q4 keys below a word's top code are masked in place (c 2^s; LutMaskedCodes).
+  static constexpr bool kMaskedKeyCodes = true;
   // Value chunks per tile: with 16 registers, 4 rows x 4 chunks spill accumulators
   // (measured 5-10% slower on Zen 3 than 4 x 2).
   static constexpr int kValueChunks = 2;
@@ -201,6 +203,21 @@ struct Isa {
   // 3-bit tables have 8 entries: one permute reads them.
   static KVJAX_ISA_INLINE V LutLookup8(Words words, Words shift, const Table& table) {
     return _mm256_permutevar8x32_ps(table.low, _mm256_srlv_epi32(words, shift));
+  }
+  // Lane l's mask of its code in place: 15 << (code * 4), for codes below
+  // the word's top one (whose mask would hold the sign bit).
+  static Words PlanMask(const Segment& seg, int it) {
+    alignas(32) int32_t mask[8];
+    for (int l = 0; l < 8; ++l) {
+      int word, code;
+      LutLane(seg, 8, it, l, &word, &code);
+      mask[l] = 15 << (code * seg.bits);
+    }
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(mask));
+  }
+  // A q4 code in place: c 2^s, exact (mask and convert, 2 ops).
+  static KVJAX_ISA_INLINE V LutMaskedCodes(Words words, Words mask) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(words, mask));
   }
   // q4's table is 0..15: mask and convert (3 ops) beats the 16-entry lookup.
   static KVJAX_ISA_INLINE V LutCodes(Words words, Words shift, const Table&) {

@@ -27,6 +27,7 @@ struct Isa {
   static constexpr int kLanes = 16;
   // Tokens per key tile of `rows` rows: one vector of dots.
   static constexpr int TileTokens(int rows) { return kLanes / rows; }
+  static constexpr bool kMaskedKeyCodes = false;  // one permute decodes a q4 code
   // Value chunks per tile: 4 rows x 4 chunks of accumulators fit its 32 registers.
   static constexpr int kValueChunks = 4;
   using V = __m512;

@@ -92,6 +92,21 @@ KVJAX_INLINE typename Isa::V VecTanh(typename Isa::V x) {
 constexpr int kMaxLutBlocks = 16;
 // Added to a segment's word mode when its table is 0..15 (q4).
 constexpr int kAffineMode = 4;
+// q4 keys in full words where the variant masks codes in place
+// (Isa::kMaskedKeyCodes): lanes below a word's top code hold c 2^s, their
+// query lanes scaled by 2^-s; the top code is shifted down as in kAffineMode.
+constexpr int kMaskedMode = Isa::kFullWords + 2 * kAffineMode;
+
+// I::LutMaskedCodes and I::PlanMask (I = Isa), named through templates so
+// that only a variant that masks codes instantiates them.
+template <typename I>
+KVJAX_INLINE typename I::V MaskedCodes(typename I::Words words, typename I::Words mask) {
+  return I::LutMaskedCodes(words, mask);
+}
+template <typename I>
+typename I::Words PlanMask(const Segment& seg, int it) {
+  return I::PlanMask(seg, it);
+}
 
 // Chunk of a kLut segment: the codes as numbers (q4) or looked up.
 template <int kMode>
@@ -129,6 +144,9 @@ KVJAX_INLINE void WithWordMode(int mode, const Fn& fn) {
     case Isa::kFullWords + kAffineMode: fn(WordMode<Isa::kFullWords + kAffineMode>{}); return;
     case Isa::kRepeatedWords + kAffineMode:
       fn(WordMode<Isa::kRepeatedWords + kAffineMode>{});
+      return;
+    case kMaskedMode:
+      if constexpr (Isa::kMaskedKeyCodes) fn(WordMode<kMaskedMode>{});
       return;
     default: fn(WordMode<Isa::kThreeBitWords>{}); return;
   }
@@ -295,9 +313,32 @@ class KeyPass {
         if (plan_.affine) q_sum_[r] += q[i];  // q4: logits s (q . c) + z sum(q)
       }
     }
+    if constexpr (Isa::kMaskedKeyCodes) MaskCodes<Isa>();
   }
 
   int segments() const { return kKind == ValueKind::kLut ? plan_.f->num_segments : 1; }
+
+  // q4 segments in full words read their codes in place (kMaskedMode): each
+  // iteration below the top one gets its mask, and its query lanes 2^-s.
+  template <typename I>
+  void MaskCodes() {
+    for (int s = 0; s < segments() && kKind == ValueKind::kLut; ++s) {
+      LutSegment& ls = plan_.segs[s];
+      const Segment& seg = plan_.f->segments[s];
+      if (ls.mode != Isa::kFullWords + kAffineMode || seg.bits != 4) continue;
+      ls.mode = kMaskedMode;
+      for (int it = 0; it + 1 < ls.iterations; ++it) {
+        ls.shift[it] = PlanMask<I>(seg, it);
+        const float scale = std::ldexp(1.0f, -4 * it);  // full words: lane code = it
+        for (int b = 0; b < ls.blocks; ++b) {
+          const int lane0 = (ls.first_chunk + b * ls.iterations + it) * L;
+          for (int r = 0; r < rows_; ++r) {
+            for (int l = 0; l < L; ++l) q_[r * plan_.lanes + lane0 + l] *= scale;
+          }
+        }
+      }
+    }
+  }
 
   // scores[s][r][t] = q_r . k_t (segment s's dots) for every row and token
   // (fused segments: scores[0] holds the logits, factors applied).
@@ -490,13 +531,19 @@ class KeyPass {
       }
       const float* q_block = q_tile + b * ls.iterations * L;
       for (int it = 0; it < ls.iterations; ++it) {
-        const W shift = ls.shift[it];
+        const W shift = ls.shift[it];  // kMaskedMode: the mask, but at the top code
+        const bool masked = kMode == kMaskedMode && it + 1 < ls.iterations;
         V q[kRows];
 #pragma GCC unroll 4
         for (int i = 0; i < kRows; ++i) q[i] = Isa::Load(q_block + i * lanes + it * L);
 #pragma GCC unroll 16
         for (int j = 0; j < kTokens; ++j) {
-          const V k = LutValues<kMode>(words[j], shift, table[j]);
+          V k;
+          if constexpr (kMode == kMaskedMode) {
+            k = masked ? MaskedCodes<Isa>(words[j], shift) : LutValues<kMode>(words[j], shift, table[j]);
+          } else {
+            k = LutValues<kMode>(words[j], shift, table[j]);
+          }
 #pragma GCC unroll 4
           for (int i = 0; i < kRows; ++i) x[i * kTokens + j] = Isa::Fma(q[i], k, x[i * kTokens + j]);
         }
