@@ -97,15 +97,11 @@ constexpr int kAffineMode = 4;
 // query lanes scaled by 2^-s; the top code is shifted down as in kAffineMode.
 constexpr int kMaskedMode = Isa::kFullWords + 2 * kAffineMode;
 
-// I::LutMaskedCodes and I::PlanMask (I = Isa), named through templates so
-// that only a variant that masks codes instantiates them.
+// I::LutMaskedCodes (I = Isa), named through a template so that only a
+// variant that masks codes instantiates it.
 template <typename I>
 KVJAX_INLINE typename I::V MaskedCodes(typename I::Words words, typename I::Words mask) {
   return I::LutMaskedCodes(words, mask);
-}
-template <typename I>
-typename I::Words PlanMask(const Segment& seg, int it) {
-  return I::PlanMask(seg, it);
 }
 
 // Chunk of a kLut segment: the codes as numbers (q4) or looked up.
@@ -320,15 +316,17 @@ class KeyPass {
 
   // q4 segments in full words read their codes in place (kMaskedMode): each
   // iteration below the top one gets its mask, and its query lanes 2^-s.
+  // (A template on I = Isa: only a variant that masks codes instantiates it.)
   template <typename I>
   void MaskCodes() {
-    for (int s = 0; s < segments() && kKind == ValueKind::kLut; ++s) {
+    if constexpr (kKind != ValueKind::kLut) return;
+    for (int s = 0; s < plan_.f->num_segments; ++s) {
       LutSegment& ls = plan_.segs[s];
       const Segment& seg = plan_.f->segments[s];
       if (ls.mode != Isa::kFullWords + kAffineMode || seg.bits != 4) continue;
       ls.mode = kMaskedMode;
       for (int it = 0; it + 1 < ls.iterations; ++it) {
-        ls.shift[it] = PlanMask<I>(seg, it);
+        ls.shift[it] = I::PlanMask(seg, it);
         const float scale = std::ldexp(1.0f, -4 * it);  // full words: lane code = it
         for (int b = 0; b < ls.blocks; ++b) {
           const int lane0 = (ls.first_chunk + b * ls.iterations + it) * L;
