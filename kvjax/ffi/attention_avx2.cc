@@ -219,6 +219,10 @@ struct Isa {
   static KVJAX_ISA_INLINE V LutMaskedCodes(Words words, Words mask) {
     return _mm256_cvtepi32_ps(_mm256_and_si256(words, mask));
   }
+  // A word's top q4 code: the shift alone isolates it (2 ops).
+  static KVJAX_ISA_INLINE V LutTopCodes(Words words, Words shift) {
+    return _mm256_cvtepi32_ps(_mm256_srlv_epi32(words, shift));
+  }
   // q4's table is 0..15: mask and convert (3 ops) beats the 16-entry lookup.
   static KVJAX_ISA_INLINE V LutCodes(Words words, Words shift, const Table&) {
     return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(words, shift),

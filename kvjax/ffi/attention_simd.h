@@ -103,6 +103,11 @@ template <typename I>
 KVJAX_INLINE typename I::V MaskedCodes(typename I::Words words, typename I::Words mask) {
   return I::LutMaskedCodes(words, mask);
 }
+// The top code of a q4 word: a logical shift alone isolates it.
+template <typename I>
+KVJAX_INLINE typename I::V TopCodes(typename I::Words words, typename I::Words shift) {
+  return I::LutTopCodes(words, shift);
+}
 
 // Chunk of a kLut segment: the codes as numbers (q4) or looked up.
 template <int kMode>
@@ -130,6 +135,23 @@ template <int kMode>
 struct WordMode {
   static constexpr int value = kMode;
 };
+
+// A segment's iterations per word block as a type: 8 (4-bit codes in full
+// words) as a constant, so that the loop over them unrolls; 0 for any other
+// count, read at run time. Only masked q4 keys take it: unrolled, the
+// lookups' tables spill (AVX2, Zen 3: turbo3 24% more instructions).
+template <int kIterations>
+struct Iterations {
+  static constexpr int value = kIterations;
+};
+template <typename Fn>
+KVJAX_INLINE void WithIterations(int iterations, const Fn& fn) {
+  if (iterations == 8) {
+    fn(Iterations<8>{});
+  } else {
+    fn(Iterations<0>{});
+  }
+}
 
 // fn(WordMode<mode>{}) for every mode a segment can have.
 template <typename Fn>
@@ -393,7 +415,14 @@ class KeyPass {
       // One dispatch per segment and block: the tiles loop inside.
       for (int s = 0; s < plan_.f->num_segments; ++s) {
         WithWordMode(plan_.segs[s].mode, [&](auto mode) {
-          ScoreLut<kRows, decltype(mode)::value>(st, r0, s, t0, slot0, n);
+          constexpr int kMode = decltype(mode)::value;
+          if constexpr (kMode == kMaskedMode) {
+            WithIterations(plan_.segs[s].iterations, [&](auto iterations) {
+              ScoreLut<kRows, kMode, decltype(iterations)::value>(st, r0, s, t0, slot0, n);
+            });
+          } else {
+            ScoreLut<kRows, kMode, 0>(st, r0, s, t0, slot0, n);
+          }
         });
       }
       return;
@@ -461,7 +490,7 @@ class KeyPass {
   // One kLut segment's dots for a block, tile by tile: each token's words
   // read once per word block, looked up once per iteration (chunk), the
   // segment's table in registers.
-  template <int kRows, int kMode>
+  template <int kRows, int kMode, int kIterations>
   void ScoreLut(const BlockState& st, int r0, int s, int64_t t0, int64_t slot0, int n) {
     constexpr int kTokens = Isa::TileTokens(kRows);
     typename Isa::Table table[kTokens];
@@ -473,7 +502,7 @@ class KeyPass {
       V x[kRows * kTokens];
 #pragma GCC unroll 16
       for (int i = 0; i < kRows * kTokens; ++i) x[i] = Isa::Zero();
-      SegmentTile<kRows, kMode>(x, r0, s, slot, table);
+      SegmentTile<kRows, kMode, kIterations>(x, r0, s, slot, table);
       StoreDots<kRows>(st, x, r0, s, tt);
     }
   }
@@ -500,11 +529,11 @@ class KeyPass {
         }
         // Fused segments have norms: never an affine mode.
         switch (plan_.segs[s].mode) {
-          case Isa::kFullWords: SegmentTile<kRows, Isa::kFullWords>(x, r0, s, slot, table); break;
+          case Isa::kFullWords: SegmentTile<kRows, Isa::kFullWords, 0>(x, r0, s, slot, table); break;
           case Isa::kRepeatedWords:
-            SegmentTile<kRows, Isa::kRepeatedWords>(x, r0, s, slot, table);
+            SegmentTile<kRows, Isa::kRepeatedWords, 0>(x, r0, s, slot, table);
             break;
-          default: SegmentTile<kRows, Isa::kThreeBitWords>(x, r0, s, slot, table); break;
+          default: SegmentTile<kRows, Isa::kThreeBitWords, 0>(x, r0, s, slot, table); break;
         }
       }
       StoreDots<kRows>(st, x, r0, 0, tt);
@@ -513,13 +542,13 @@ class KeyPass {
 
   // Segment s's dots of one tile into x: each token's words read once per
   // word block, looked up once per iteration (chunk) in its table.
-  template <int kRows, int kMode>
+  // kIterations: the segment's iterations, or 0 (read at run time).
+  template <int kRows, int kMode, int kIterations>
   KVJAX_INLINE void SegmentTile(V* x, int r0, int s, const int64_t* slot,
                                 const typename Isa::Table* table) const {
     constexpr int kTokens = Isa::TileTokens(kRows);
     const LutSegment& ls = plan_.segs[s];
-    const int lanes = plan_.lanes;
-    const float* q_tile = &q_[r0 * lanes + ls.first_chunk * L];
+    const float* q_tile = &q_[r0 * plan_.lanes + ls.first_chunk * L];
     for (int b = 0; b < ls.blocks; ++b) {
       W words[kTokens];
 #pragma GCC unroll 16
@@ -528,24 +557,38 @@ class KeyPass {
                                                                ls.block[b]);
       }
       const float* q_block = q_tile + b * ls.iterations * L;
-      for (int it = 0; it < ls.iterations; ++it) {
-        const W shift = ls.shift[it];  // kMaskedMode: the mask, but at the top code
-        const bool masked = kMode == kMaskedMode && it + 1 < ls.iterations;
-        V q[kRows];
-#pragma GCC unroll 4
-        for (int i = 0; i < kRows; ++i) q[i] = Isa::Load(q_block + i * lanes + it * L);
-#pragma GCC unroll 16
-        for (int j = 0; j < kTokens; ++j) {
-          V k;
-          if constexpr (kMode == kMaskedMode) {
-            k = masked ? MaskedCodes<Isa>(words[j], shift) : LutValues<kMode>(words[j], shift, table[j]);
-          } else {
-            k = LutValues<kMode>(words[j], shift, table[j]);
-          }
-#pragma GCC unroll 4
-          for (int i = 0; i < kRows; ++i) x[i * kTokens + j] = Isa::Fma(q[i], k, x[i * kTokens + j]);
+      if constexpr (kIterations > 0) {
+#pragma GCC unroll 8
+        for (int it = 0; it < kIterations; ++it) {
+          SegmentChunk<kRows, kMode>(x, words, q_block, ls, it, it + 1 == kIterations, table);
+        }
+      } else {
+        for (int it = 0; it < ls.iterations; ++it) {
+          SegmentChunk<kRows, kMode>(x, words, q_block, ls, it, it + 1 == ls.iterations, table);
         }
       }
+    }
+  }
+
+  // Iteration `it` of a word block: one chunk of every token of the tile.
+  template <int kRows, int kMode>
+  KVJAX_INLINE void SegmentChunk(V* x, const W* words, const float* q_block, const LutSegment& ls,
+                                 int it, bool top, const typename Isa::Table* table) const {
+    constexpr int kTokens = Isa::TileTokens(kRows);
+    const W shift = ls.shift[it];  // kMaskedMode: the mask, but at the top code
+    V q[kRows];
+#pragma GCC unroll 4
+    for (int i = 0; i < kRows; ++i) q[i] = Isa::Load(q_block + i * plan_.lanes + it * L);
+#pragma GCC unroll 16
+    for (int j = 0; j < kTokens; ++j) {
+      V k;
+      if constexpr (kMode == kMaskedMode) {
+        k = top ? TopCodes<Isa>(words[j], shift) : MaskedCodes<Isa>(words[j], shift);
+      } else {
+        k = LutValues<kMode>(words[j], shift, table[j]);
+      }
+#pragma GCC unroll 4
+      for (int i = 0; i < kRows; ++i) x[i * kTokens + j] = Isa::Fma(q[i], k, x[i * kTokens + j]);
     }
   }
 
