@@ -96,6 +96,10 @@ constexpr int kAffineMode = 4;
 // (Isa::kMaskedKeyCodes): lanes below a word's top code hold c 2^s, their
 // query lanes scaled by 2^-s; the top code is shifted down as in kAffineMode.
 constexpr int kMaskedMode = Isa::kFullWords + 2 * kAffineMode;
+// Iterations of a kMaskedMode word block (a full word's 8 codes): a constant,
+// so that the loop over them unrolls. Only masked q4 keys unroll: unrolled,
+// the lookups' tables spill (AVX2, Zen 3: turbo3 24% more instructions).
+constexpr int kMaskedIterations = 8;
 
 // I::LutMaskedCodes (I = Isa), named through a template so that only a
 // variant that masks codes instantiates it.
@@ -135,23 +139,6 @@ template <int kMode>
 struct WordMode {
   static constexpr int value = kMode;
 };
-
-// A segment's iterations per word block as a type: 8 (4-bit codes in full
-// words) as a constant, so that the loop over them unrolls; 0 for any other
-// count, read at run time. Only masked q4 keys take it: unrolled, the
-// lookups' tables spill (AVX2, Zen 3: turbo3 24% more instructions).
-template <int kIterations>
-struct Iterations {
-  static constexpr int value = kIterations;
-};
-template <typename Fn>
-KVJAX_INLINE void WithIterations(int iterations, const Fn& fn) {
-  if (iterations == 8) {
-    fn(Iterations<8>{});
-  } else {
-    fn(Iterations<0>{});
-  }
-}
 
 // fn(WordMode<mode>{}) for every mode a segment can have.
 template <typename Fn>
@@ -345,7 +332,10 @@ class KeyPass {
     for (int s = 0; s < plan_.f->num_segments; ++s) {
       LutSegment& ls = plan_.segs[s];
       const Segment& seg = plan_.f->segments[s];
-      if (ls.mode != Isa::kFullWords + kAffineMode || seg.bits != 4) continue;
+      if (ls.mode != Isa::kFullWords + kAffineMode || seg.bits != 4 ||
+          ls.iterations != kMaskedIterations) {
+        continue;
+      }
       ls.mode = kMaskedMode;
       for (int it = 0; it + 1 < ls.iterations; ++it) {
         ls.shift[it] = I::PlanMask(seg, it);
@@ -416,13 +406,8 @@ class KeyPass {
       for (int s = 0; s < plan_.f->num_segments; ++s) {
         WithWordMode(plan_.segs[s].mode, [&](auto mode) {
           constexpr int kMode = decltype(mode)::value;
-          if constexpr (kMode == kMaskedMode) {
-            WithIterations(plan_.segs[s].iterations, [&](auto iterations) {
-              ScoreLut<kRows, kMode, decltype(iterations)::value>(st, r0, s, t0, slot0, n);
-            });
-          } else {
-            ScoreLut<kRows, kMode, 0>(st, r0, s, t0, slot0, n);
-          }
+          ScoreLut<kRows, kMode, kMode == kMaskedMode ? kMaskedIterations : 0>(st, r0, s, t0,
+                                                                               slot0, n);
         });
       }
       return;
