@@ -28,6 +28,7 @@ struct Isa {
   // Tokens per key tile of `rows` rows: one vector of dots.
   static constexpr int TileTokens(int rows) { return kLanes / rows; }
   static constexpr bool kMaskedKeyCodes = false;  // one permute decodes a q4 code
+  static constexpr bool kSymmetricLookup = false;  // one permute reads 16 entries
   // Value chunks per tile: 4 rows x 4 chunks of accumulators fit its 32 registers.
   static constexpr int kValueChunks = 4;
   using V = __m512;

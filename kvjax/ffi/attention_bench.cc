@@ -55,7 +55,12 @@ TierFormat Build(const Format& spec, std::vector<float>* tables) {
     s.code_offset = code_offset;
     s.lane_offset = lane_offset;
     s.table_offset = static_cast<int32_t>(tables->size());
-    for (int i = 0; i < (1 << s.bits); ++i) tables->push_back(-1.0f + 2.0f * i / ((1 << s.bits) - 1));
+    // Evenly spaced in [-1, 1] and exactly symmetric, as TurboQuant's codebooks are.
+    const int entries = 1 << s.bits;
+    for (int i = 0; i < entries; ++i) {
+      tables->push_back(i < entries / 2 ? -1.0f + 2.0f * i / (entries - 1)
+                                        : -(*tables)[s.table_offset + entries - 1 - i]);
+    }
     code_offset += s.channels * s.bits / 8;
     lane_offset += s.channels;
     f.segments[f.num_segments++] = s;

@@ -111,7 +111,14 @@ TierFormat DrawStoreFormat(std::mt19937& g, int kind, int d, std::vector<float>*
       const int bits = 1 + pick(4);
       f.segments[s] = Segment{bits, m, code, lane, static_cast<int32_t>(tables->size()),
                               norm++, -1, 0.0f};
-      for (int i = 0; i < (1 << bits); ++i) tables->push_back(normal(g));
+      // Half the codebooks symmetric (entry 2^b - 1 - c = -entry c), as
+      // TurboQuant's are: variants may read those in a cheaper way.
+      const size_t first = tables->size();
+      const bool symmetric = u01(g) < 0.5;
+      for (int i = 0; i < (1 << bits); ++i) {
+        tables->push_back(symmetric && i >= (1 << (bits - 1))
+                              ? -(*tables)[first + (1 << bits) - 1 - i] : normal(g));
+      }
       code += bits == 3 ? m / 8 * 3 : m * bits / 8;
       lane += m;
     }
