@@ -658,6 +658,8 @@ class ValuePass {
   // The weights of row r for block tokens t .. t + L from their softmax
   // weights p: times each kLut segment's factor (q8: its scale); the affine
   // formats' p z summed apart.
+  // kWhole: the row sees every token of a whole block (no masks).
+  template <bool kWhole>
   KVJAX_INLINE void Weights(const BlockState& st, int r, const RowSpan& row, int64_t slot0, int t,
                             int n, V p, V* zero_sum) const {
     float* w = &st.weights[r * kBlock];
@@ -673,7 +675,9 @@ class ValuePass {
         Isa::Store(w + g * plane + t, Isa::Mul(p, Isa::Load(factors_ + g * kBlock + t)));
       }
     }
-    if (plan_.affine) {  // select: a masked token's zero (maybe NaN) never enters
+    if (plan_.affine && kWhole) {
+      *zero_sum = Isa::Add(*zero_sum, Isa::Mul(p, Isa::Load(a_.v.zero + slot0 + t)));
+    } else if (plan_.affine) {  // select: a masked token's zero (maybe NaN) never enters
       const M visible = Isa::SpanMask(t, row.vb, row.ve);
       *zero_sum = Isa::Add(*zero_sum, Isa::Select(
           visible, Isa::Mul(p, Isa::LoadPartial(a_.v.zero + slot0 + t, n - t)), Isa::Zero()));
@@ -894,47 +898,58 @@ class SimdRun {
 
   // 4. Softmax weights of the block; the state's max, denominator, flags.
   void Softmax(int64_t slot0, int n) {
-    const V minus_inf = Isa::Set1(-__builtin_inff());
     for (int r = 0; r < rows_; ++r) {
       RowSpan& row = st_.row[r];
       if (!row.active) continue;
-      float* s = &st_.scores[r * kBlock];
-      V block_max = minus_inf;
-      bool bad = false;
-      for (int t = 0; t < n; t += L) {
-        V x = keys_.Logits(st_, r, slot0, t, n);
-        if (a_.has_softcap) {
-          const V c = Isa::Set1(a_.softcap);
-          x = Isa::Mul(c, VecTanh(Isa::Div(x, c)));
-        }
-        const M visible = Isa::SpanMask(t, row.vb, row.ve);
-        bad = bad || Isa::AnyNanOrPosInf(x, visible);
-        x = Isa::Select(visible, x, minus_inf);
-        Isa::Store(s + t, x);
-        block_max = Isa::Max(block_max, x);
+      // Most rows of a decode step see whole blocks: no masks to build or apply.
+      if (n == kBlock && row.vb == 0 && row.ve == kBlock) {
+        RowSoftmax<true>(r, row, slot0, n);
+      } else {
+        RowSoftmax<false>(r, row, slot0, n);
       }
-      if (bad) {
-        out_.nan[r] = 1;
-        row.active = false;
-        continue;
-      }
-      const float old_max = out_.max[r];
-      const float bm = Isa::ReduceMax(block_max);
-      const float new_max = bm > old_max ? bm : old_max;
-      const float shift = new_max == -__builtin_inff() ? 0.0f : new_max;
-      // exp(0) is 1: most blocks keep the running max (no libm call).
-      row.correction = old_max == shift ? 1.0f : SoftmaxWeight(old_max - shift);
-      out_.max[r] = new_max;
-      V sum = Isa::Zero(), zero_sum = Isa::Zero();
-      const V shift_v = Isa::Set1(shift);
-      for (int t = 0; t < n; t += L) {
-        const V p = VecSoftmaxWeight(Isa::Sub(Isa::Load(s + t), shift_v));  // masked: 0
-        sum = Isa::Add(sum, p);
-        values_.Weights(st_, r, row, slot0, t, n, p, &zero_sum);
-      }
-      out_.denom[r] = out_.denom[r] * row.correction + Isa::ReduceAdd(sum);
-      values_.ScaleZero(r, row.correction, Isa::ReduceAdd(zero_sum));
     }
+  }
+
+  template <bool kWhole>
+  KVJAX_INLINE void RowSoftmax(int r, RowSpan& row, int64_t slot0, int n) {
+    const V minus_inf = Isa::Set1(-__builtin_inff());
+    const M all = Isa::RowMask(true);
+    float* s = &st_.scores[r * kBlock];
+    V block_max = minus_inf;
+    bool bad = false;
+    for (int t = 0; t < n; t += L) {
+      V x = keys_.Logits(st_, r, slot0, t, n);
+      if (a_.has_softcap) {
+        const V c = Isa::Set1(a_.softcap);
+        x = Isa::Mul(c, VecTanh(Isa::Div(x, c)));
+      }
+      const M visible = kWhole ? all : Isa::SpanMask(t, row.vb, row.ve);
+      bad = bad || Isa::AnyNanOrPosInf(x, visible);
+      if (!kWhole) x = Isa::Select(visible, x, minus_inf);
+      Isa::Store(s + t, x);
+      block_max = Isa::Max(block_max, x);
+    }
+    if (bad) {
+      out_.nan[r] = 1;
+      row.active = false;
+      return;
+    }
+    const float old_max = out_.max[r];
+    const float bm = Isa::ReduceMax(block_max);
+    const float new_max = bm > old_max ? bm : old_max;
+    const float shift = new_max == -__builtin_inff() ? 0.0f : new_max;
+    // exp(0) is 1: most blocks keep the running max (no libm call).
+    row.correction = old_max == shift ? 1.0f : SoftmaxWeight(old_max - shift);
+    out_.max[r] = new_max;
+    V sum = Isa::Zero(), zero_sum = Isa::Zero();
+    const V shift_v = Isa::Set1(shift);
+    for (int t = 0; t < n; t += L) {
+      const V p = VecSoftmaxWeight(Isa::Sub(Isa::Load(s + t), shift_v));  // masked: 0
+      sum = Isa::Add(sum, p);
+      values_.template Weights<kWhole>(st_, r, row, slot0, t, n, p, &zero_sum);
+    }
+    out_.denom[r] = out_.denom[r] * row.correction + Isa::ReduceAdd(sum);
+    values_.ScaleZero(r, row.correction, Isa::ReduceAdd(zero_sum));
   }
 
   RunArgs args_;  // the passes' view: its k and v follow a paged run's pages
