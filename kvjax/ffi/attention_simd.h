@@ -96,7 +96,7 @@ constexpr int kAffineMode = 4;
 // (Isa::kMaskedKeyCodes): lanes below a word's top code hold c 2^s, their
 // query lanes scaled by 2^-s; the top code is shifted down as in kAffineMode.
 constexpr int kMaskedMode = Isa::kFullWords + 2 * kAffineMode;
-// Added to a 4-bit key segment's word mode (full or repeated words) where
+// Added to a 4-bit segment's word mode (full or repeated words) where
 // the variant reads symmetric tables with one 8-entry lookup
 // (Isa::kSymmetricLookup) and the table is symmetric: entry 15 - c is
 // -entry c, as in every TurboQuant codebook, and so in any multiple of one.
@@ -235,6 +235,22 @@ struct TierPlan {
     return true;
   }
 
+  // 4-bit segments with norms whose table is symmetric read it in one
+  // 8-entry lookup (kSymmetricMode); whether any does.
+  bool MarkSymmetric() {
+    bool any = false;
+    if constexpr (kKind != ValueKind::kLut) return any;
+    for (int s = 0; s < f->num_segments; ++s) {
+      LutSegment& ls = segs[s];
+      const bool words = ls.mode == Isa::kFullWords || ls.mode == Isa::kRepeatedWords;
+      if (words && f->segments[s].bits == 4 && Symmetric(base[s])) {
+        ls.mode += kSymmetricMode;
+        any = true;
+      }
+    }
+    return any;
+  }
+
   const uint8_t* RowOf(const TierData& d, int64_t slot) const {
     return d.data + slot * f->row_bytes;
   }
@@ -350,7 +366,7 @@ class KeyPass {
       }
     }
     if constexpr (Isa::kMaskedKeyCodes) MaskCodes<Isa>();
-    if constexpr (Isa::kSymmetricLookup) MarkSymmetric();
+    if constexpr (Isa::kSymmetricLookup) plan_.MarkSymmetric();
   }
 
   int segments() const { return kKind == ValueKind::kLut ? plan_.f->num_segments : 1; }
@@ -378,21 +394,6 @@ class KeyPass {
             for (int l = 0; l < L; ++l) q_[r * plan_.lanes + lane0 + l] *= scale;
           }
         }
-      }
-    }
-  }
-
-  // 4-bit segments with norms whose table is symmetric read it in one
-  // 8-entry lookup (kSymmetricMode). Keys only: instantiated in the value
-  // pass, the extra modes cost q4's value loop a reload of its words (+3.5%
-  // instructions, +1.5% time on Zen 3) for a 4% gain on turbo4 alone.
-  void MarkSymmetric() {
-    if constexpr (kKind != ValueKind::kLut) return;
-    for (int s = 0; s < plan_.f->num_segments; ++s) {
-      LutSegment& ls = plan_.segs[s];
-      const bool words = ls.mode == Isa::kFullWords || ls.mode == Isa::kRepeatedWords;
-      if (words && plan_.f->segments[s].bits == 4 && plan_.Symmetric(plan_.base[s])) {
-        ls.mode += kSymmetricMode;
       }
     }
   }
@@ -642,6 +643,7 @@ class ValuePass {
 
   ValuePass(const RunArgs& a, const Partial& out, Arena* arena) : a_(a), out_(out), rows_(a.rows) {
     plan_.Plan(*a.value_format, arena);
+    if constexpr (Isa::kSymmetricLookup) symmetric_ = plan_.MarkSymmetric();
     const int lanes = plan_.lanes;
     acc_ = arena->Take<float>(static_cast<size_t>(rows_) * lanes);
     zero_acc_ = arena->Take<float>(rows_);
@@ -689,15 +691,13 @@ class ValuePass {
   }
 
   void Values(const BlockState& st, int64_t slot0, int n) {
-    int r0 = 0;
-    for (; r0 + 4 <= rows_; r0 += 4) ValueRows<4>(st, r0, slot0, n);
-    switch (rows_ - r0) {
-      case 3: ValueRows<3>(st, r0, slot0, n); break;
-      case 2: ValueRows<2>(st, r0, slot0, n); break;
-      case 1: ValueRows<1>(st, r0, slot0, n); break;
-      default: break;
+    if (symmetric_) {
+      ValuesOf<true>(st, slot0, n);
+    } else {
+      ValuesOf<false>(st, slot0, n);
     }
   }
+
 
   void Finish() {
     const int lanes = plan_.lanes;
@@ -708,13 +708,28 @@ class ValuePass {
   }
 
  private:
+  // kSymmetric: whether segments may be kSymmetricMode. Apart, so that the
+  // other formats' value loops compile as without them (instantiated beside
+  // them, they cost q4's loop a reload of its words: +1.5% on Zen 3).
+  template <bool kSymmetric>
+  void ValuesOf(const BlockState& st, int64_t slot0, int n) {
+    int r0 = 0;
+    for (; r0 + 4 <= rows_; r0 += 4) ValueRows<4, kSymmetric>(st, r0, slot0, n);
+    switch (rows_ - r0) {
+      case 3: ValueRows<3, kSymmetric>(st, r0, slot0, n); break;
+      case 2: ValueRows<2, kSymmetric>(st, r0, slot0, n); break;
+      case 1: ValueRows<1, kSymmetric>(st, r0, slot0, n); break;
+      default: break;
+    }
+  }
+
   // The tokens every active row of a tile sees, and those any sees.
   struct TileSpan {
     bool active[4];
     int common_b, common_e, union_b, union_e;
   };
 
-  template <int kRows>
+  template <int kRows, bool kSymmetric>
   void ValueRows(const BlockState& st, int r0, int64_t slot0, int n) {
     TileSpan span{{false, false, false, false}, 0, n, n, 0};
     bool any = false, all_active = true;
@@ -736,8 +751,10 @@ class ValuePass {
         const LutSegment& ls = plan_.segs[s];
         for (int b = 0; b < ls.blocks; ++b) {
           WithWordMode(ls.mode, [&](auto mode) {
-            constexpr int kMode = decltype(mode)::value;  // never symmetric: see MarkSymmetric
-            if constexpr (kMode < kSymmetricMode) ValueBlock<kRows, kMode>(st, r0, slot0, span, s, b);
+            constexpr int kMode = decltype(mode)::value;
+            if constexpr (kSymmetric || kMode < kSymmetricMode) {
+              ValueBlock<kRows, kMode>(st, r0, slot0, span, s, b);
+            }
           });
         }
       }
@@ -838,6 +855,7 @@ class ValuePass {
   const int rows_;
   TierPlan<kKind> plan_;
   float *acc_, *zero_acc_, *factors_;
+  bool symmetric_ = false;  // a segment in kSymmetricMode
 };
 
 // One run: per block of kBlock tokens, the rows' spans, the key pass, the
