@@ -26,8 +26,13 @@ struct Isa {
   static constexpr int kLanes = 8;
   // Tokens per key tile of `rows` rows: one vector of dots, but 3 rows
   // (GQA 3, SmolLM2) take 4 tokens (12 accumulators) rather than 2, which
-  // left the tile's reduction and bookkeeping a third of the key pass.
-  static constexpr int TileTokens(int rows) { return rows == 3 ? 4 : kLanes / rows; }
+  // left the tile's reduction and bookkeeping a third of the key pass; and 4
+  // rows of raw or q8 keys take 3 (12 accumulators, FMA chains with slack:
+  // Zen 3 f32 -5.5%, q8 -2.5%), where looked-up keys, short of registers,
+  // lose 2-5%.
+  static constexpr int TileTokens(int rows, bool lut) {
+    return rows == 3 ? 4 : rows == 4 && !lut ? 3 : kLanes / rows;
+  }
   // q4 keys below a word's top code are masked in place (c 2^s; LutMaskedCodes).
   static constexpr bool kMaskedKeyCodes = true;
   // Symmetric 16-entry tables in one permute (LutSymmetric): a permute takes

@@ -371,6 +371,12 @@ class KeyPass {
 
   int segments() const { return kKind == ValueKind::kLut ? plan_.f->num_segments : 1; }
 
+  // Tokens per tile of `rows` rows: the variant's choice, which may differ
+  // for keys that are looked up (they hold more registers).
+  static constexpr int TileTokens(int rows) {
+    return Isa::TileTokens(rows, kKind == ValueKind::kLut);
+  }
+
   // q4 segments in full words read their codes in place (kMaskedMode): each
   // iteration below the top one gets its mask, and its query lanes 2^-s.
   // (A template on I = Isa: only a variant that masks codes instantiates it.)
@@ -443,7 +449,7 @@ class KeyPass {
     bool needed = false;
     for (int i = 0; i < kRows; ++i) needed = needed || st.row[r0 + i].active;
     if (!needed) return;
-    constexpr int kTokens = Isa::TileTokens(kRows);
+    constexpr int kTokens = TileTokens(kRows);
     const int lanes = plan_.lanes;
     if (kKind == ValueKind::kLut && fused_) {
       ScoreLutFused<kRows>(st, r0, t0, slot0, n);
@@ -481,12 +487,12 @@ class KeyPass {
     }
   }
 
-  // The dots of kRows rows x Isa::TileTokens(kRows) tokens from the tile's
+  // The dots of kRows rows x TileTokens(kRows) tokens from the tile's
   // accumulators, L at a time, taken as a copy: were the accumulators' own
   // address taken, GCC would keep them in memory through the whole loop.
   template <int kRows>
   KVJAX_INLINE void StoreDots(const BlockState& st, const V* accumulators, int r0, int s, int tt) {
-    constexpr int kTokens = Isa::TileTokens(kRows);
+    constexpr int kTokens = TileTokens(kRows);
     constexpr int kDots = kRows * kTokens, kGroups = (kDots + L - 1) / L;
     alignas(64) float dots[kGroups * L];
 #pragma GCC unroll 2
@@ -525,7 +531,7 @@ class KeyPass {
   // segment's table in registers.
   template <int kRows, int kMode, int kIterations>
   void ScoreLut(const BlockState& st, int r0, int s, int64_t t0, int64_t slot0, int n) {
-    constexpr int kTokens = Isa::TileTokens(kRows);
+    constexpr int kTokens = TileTokens(kRows);
     typename Isa::Table table[kTokens];
 #pragma GCC unroll 16
     for (int j = 0; j < kTokens; ++j) table[j] = Isa::LoadTable(plan_.base[s]);
@@ -545,7 +551,7 @@ class KeyPass {
   // past n, as its slot does).
   template <int kRows>
   void ScoreLutFused(const BlockState& st, int r0, int64_t t0, int64_t slot0, int n) {
-    constexpr int kTokens = Isa::TileTokens(kRows);
+    constexpr int kTokens = TileTokens(kRows);
     for (int tt = 0; tt < n; tt += kTokens) {
       int64_t slot[kTokens];
       TileSlots<kTokens>(r0 == 0, t0, slot0, tt, n, slot);
@@ -578,7 +584,7 @@ class KeyPass {
   template <int kRows, int kMode, int kIterations>
   KVJAX_INLINE void SegmentTile(V* x, int r0, int s, const int64_t* slot,
                                 const typename Isa::Table* table) const {
-    constexpr int kTokens = Isa::TileTokens(kRows);
+    constexpr int kTokens = TileTokens(kRows);
     const LutSegment& ls = plan_.segs[s];
     const float* q_tile = &q_[r0 * plan_.lanes + ls.first_chunk * L];
     for (int b = 0; b < ls.blocks; ++b) {
@@ -606,7 +612,7 @@ class KeyPass {
   template <int kRows, int kMode>
   KVJAX_INLINE void SegmentChunk(V* x, const W* words, const float* q_block, const LutSegment& ls,
                                  int it, bool top, const typename Isa::Table* table) const {
-    constexpr int kTokens = Isa::TileTokens(kRows);
+    constexpr int kTokens = TileTokens(kRows);
     const W shift = ls.shift[it];  // kMaskedMode: the mask, but at the top code
     V q[kRows];
 #pragma GCC unroll 4
