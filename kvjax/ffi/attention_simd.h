@@ -306,39 +306,59 @@ struct BlockState {
   float* weights;
 };
 
-// Out of cache, the hardware prefetchers fall behind: each score tile asks
-// for the tokens kAhead later (K and V rows, scales, norms), spread over
-// the block rather than in bursts that fill every line-fill buffer.
+// Out of cache, the hardware prefetchers fall behind: each key tile asks
+// for its tokens kAhead later (K and V rows), spread over the block rather
+// than in bursts that fill every line-fill buffer; where those tokens are
+// (the run's end, a paged run's page) is found once per block, with their
+// scales, zeros and norms (a few lines).
 constexpr int kAhead = 2 * kBlock;
-KVJAX_INLINE void PrefetchRows(const RunArgs& a, const TierData& k, const TierData& v,
-                               int64_t slot, int64_t count) {
-  const TierData* tiers[2] = {&k, &v};
-  const TierFormat* formats[2] = {a.key_format, a.value_format};
-  for (int i = 0; i < 2; ++i) {
-    const TierData* d = tiers[i];
-    const int64_t row_bytes = formats[i]->row_bytes;
-    const char* begin = reinterpret_cast<const char*>(d->data + slot * row_bytes);
-    for (int64_t b = 0; b < count * row_bytes; b += 64) Isa::Prefetch(begin + b);
-    if (d->scale && slot % 16 == 0) {
-      Isa::Prefetch(d->scale + slot);
-      Isa::Prefetch(d->zero + slot);
+class AheadRows {
+ public:
+  // The tokens kAhead after a block's first (run index t0, ring slot slot0).
+  AheadRows(const RunArgs& a, int64_t t0, int64_t slot0) {
+    const int64_t t = t0 + kAhead;
+    if (t >= a.count) return;
+    TierData tiers[2] = {a.k, a.v};
+    int64_t slot = slot0 + kAhead, available = a.count - t;
+    if (a.page_size > 0) {
+      const TokenPlace place = Locate(a, t);
+      tiers[0] = place.k;
+      tiers[1] = place.v;
+      slot = place.slot;
+      available = place.contiguous;
     }
-    if (d->norms && slot % 16 == 0) Isa::Prefetch(d->norms + slot * formats[i]->norm_count);
+    tokens_ = static_cast<int>(available < kBlock ? available : kBlock);
+    const TierFormat* formats[2] = {a.key_format, a.value_format};
+    for (int i = 0; i < 2; ++i) {
+      const TierData& d = tiers[i];
+      row_bytes_[i] = formats[i]->row_bytes;
+      rows_[i] = reinterpret_cast<const char*>(d.data + slot * row_bytes_[i]);
+      for (int k = 0; d.scale && k < tokens_; k += 16) {
+        Isa::Prefetch(d.scale + slot + k);
+        Isa::Prefetch(d.zero + slot + k);
+      }
+      const int norms = formats[i]->norm_count;
+      for (int k = 0; d.norms && k < tokens_ * norms; k += 32) {
+        Isa::Prefetch(d.norms + slot * norms + k);
+      }
+    }
   }
-}
 
-// `count` tokens from run index `t` (ring slot `slot`), if in the run: a
-// paged run finds them in their page.
-KVJAX_INLINE void PrefetchTokens(const RunArgs& a, int64_t t, int64_t slot, int count) {
-  if (t + count > a.count) return;
-  if (a.page_size > 0) {
-    const TokenPlace place = Locate(a, t);
-    PrefetchRows(a, place.k, place.v, place.slot,
-                 place.contiguous < count ? place.contiguous : count);
-  } else {
-    PrefetchRows(a, a.k, a.v, slot, count);
+  // The K and V rows of block tokens [tt, tt + count), kAhead on, if in the run.
+  KVJAX_INLINE void Rows(int tt, int count) const {
+    if (tt + count > tokens_) return;
+    for (int i = 0; i < 2; ++i) {
+      for (int64_t b = tt * row_bytes_[i]; b < (tt + count) * row_bytes_[i]; b += 64) {
+        Isa::Prefetch(rows_[i] + b);
+      }
+    }
   }
-}
+
+ private:
+  int tokens_ = 0;  // of the block kAhead on, in the run (contiguous)
+  const char* rows_[2] = {};
+  int64_t row_bytes_[2] = {};
+};
 
 // 3. The keys: logits of every row for every token of a block.
 template <ValueKind kKind>
@@ -408,15 +428,16 @@ class KeyPass {
   // (fused segments: scores[0] holds the logits, factors applied).
   // `t0`: the block's index in the run (for prefetching ahead).
   void Scores(const BlockState& st, int64_t t0, int64_t slot0, int n) {
+    const AheadRows ahead(a_, t0, slot0);
     plan_.Factors(a_.k, slot0, n, factors_);
     // Tiles of 4 rows (a GQA group of 4, or 4 queries), the rest in one
     // tile of 3, 2 or 1: each decoded key chunk serves every row of a tile.
     int r0 = 0;
-    for (; r0 + 4 <= rows_; r0 += 4) ScoreTile<4>(st, r0, t0, slot0, n);
+    for (; r0 + 4 <= rows_; r0 += 4) ScoreTile<4>(st, r0, ahead, slot0, n);
     switch (rows_ - r0) {
-      case 3: ScoreTile<3>(st, r0, t0, slot0, n); break;
-      case 2: ScoreTile<2>(st, r0, t0, slot0, n); break;
-      case 1: ScoreTile<1>(st, r0, t0, slot0, n); break;
+      case 3: ScoreTile<3>(st, r0, ahead, slot0, n); break;
+      case 2: ScoreTile<2>(st, r0, ahead, slot0, n); break;
+      case 1: ScoreTile<1>(st, r0, ahead, slot0, n); break;
       default: break;
     }
   }
@@ -445,14 +466,14 @@ class KeyPass {
 
  private:
   template <int kRows>
-  void ScoreTile(const BlockState& st, int r0, int64_t t0, int64_t slot0, int n) {
+  void ScoreTile(const BlockState& st, int r0, const AheadRows& ahead, int64_t slot0, int n) {
     bool needed = false;
     for (int i = 0; i < kRows; ++i) needed = needed || st.row[r0 + i].active;
     if (!needed) return;
     constexpr int kTokens = TileTokens(kRows);
     const int lanes = plan_.lanes;
     if (kKind == ValueKind::kLut && fused_) {
-      ScoreLutFused<kRows>(st, r0, t0, slot0, n);
+      ScoreLutFused<kRows>(st, r0, ahead, slot0, n);
       return;
     }
     if (kKind == ValueKind::kLut) {
@@ -460,7 +481,7 @@ class KeyPass {
       for (int s = 0; s < plan_.f->num_segments; ++s) {
         WithWordMode(plan_.segs[s].mode, [&](auto mode) {
           constexpr int kMode = decltype(mode)::value;
-          ScoreLut<kRows, kMode, kMode == kMaskedMode ? kMaskedIterations : 0>(st, r0, s, t0,
+          ScoreLut<kRows, kMode, kMode == kMaskedMode ? kMaskedIterations : 0>(st, r0, s, ahead,
                                                                                slot0, n);
         });
       }
@@ -468,7 +489,7 @@ class KeyPass {
     }
     for (int tt = 0; tt < n; tt += kTokens) {
       int64_t slot[kTokens];
-      TileSlots<kTokens>(r0 == 0, t0, slot0, tt, n, slot);
+      TileSlots<kTokens>(r0 == 0 ? &ahead : nullptr, slot0, tt, n, slot);
       V x[kRows * kTokens];
 #pragma GCC unroll 16
       for (int i = 0; i < kRows * kTokens; ++i) x[i] = Isa::Zero();
@@ -519,9 +540,9 @@ class KeyPass {
   // The ring slots of a tile's tokens (a token past the end is a repeat of
   // the last one, its dots unused); one pass over the block prefetches ahead.
   template <int kTokens>
-  KVJAX_INLINE void TileSlots(bool prefetch, int64_t t0, int64_t slot0, int tt, int n,
+  KVJAX_INLINE void TileSlots(const AheadRows* ahead, int64_t slot0, int tt, int n,
                               int64_t* slot) const {
-    if (prefetch) PrefetchTokens(a_, t0 + tt + kAhead, slot0 + tt + kAhead, kTokens);
+    if (ahead) ahead->Rows(tt, kTokens);
 #pragma GCC unroll 16
     for (int j = 0; j < kTokens; ++j) slot[j] = slot0 + (tt + j < n ? tt + j : n - 1);
   }
@@ -530,14 +551,15 @@ class KeyPass {
   // read once per word block, looked up once per iteration (chunk), the
   // segment's table in registers.
   template <int kRows, int kMode, int kIterations>
-  void ScoreLut(const BlockState& st, int r0, int s, int64_t t0, int64_t slot0, int n) {
+  void ScoreLut(const BlockState& st, int r0, int s, const AheadRows& ahead, int64_t slot0,
+                int n) {
     constexpr int kTokens = TileTokens(kRows);
     typename Isa::Table table[kTokens];
 #pragma GCC unroll 16
     for (int j = 0; j < kTokens; ++j) table[j] = Isa::LoadTable(plan_.base[s]);
     for (int tt = 0; tt < n; tt += kTokens) {
       int64_t slot[kTokens];
-      TileSlots<kTokens>(r0 == 0 && s == 0, t0, slot0, tt, n, slot);
+      TileSlots<kTokens>(r0 == 0 && s == 0 ? &ahead : nullptr, slot0, tt, n, slot);
       V x[kRows * kTokens];
 #pragma GCC unroll 16
       for (int i = 0; i < kRows * kTokens; ++i) x[i] = Isa::Zero();
@@ -550,11 +572,11 @@ class KeyPass {
   // token's tables times its segment factors (the tile's last token repeats
   // past n, as its slot does).
   template <int kRows>
-  void ScoreLutFused(const BlockState& st, int r0, int64_t t0, int64_t slot0, int n) {
+  void ScoreLutFused(const BlockState& st, int r0, const AheadRows& ahead, int64_t slot0, int n) {
     constexpr int kTokens = TileTokens(kRows);
     for (int tt = 0; tt < n; tt += kTokens) {
       int64_t slot[kTokens];
-      TileSlots<kTokens>(r0 == 0, t0, slot0, tt, n, slot);
+      TileSlots<kTokens>(r0 == 0 ? &ahead : nullptr, slot0, tt, n, slot);
       V x[kRows * kTokens];
 #pragma GCC unroll 16
       for (int i = 0; i < kRows * kTokens; ++i) x[i] = Isa::Zero();
