@@ -1,6 +1,7 @@
 // Decode attention, AVX2 + FMA + F16C: 8 lanes. kLut formats spread their
 // packed codes as in attention_format.h (LutGeometry, 8 words per chunk) and
-// look them up in the 16-entry table with two vpermps and a blend on bit 3.
+// look them up in the 16-entry table with two vpermps and a blend on bit 3,
+// or, for a symmetric table, one vpermps and a sign flip (LutSymmetric).
 #include <immintrin.h>
 
 #include <cmath>

@@ -11,9 +11,9 @@
 //   2. kLut formats: each token's value table per segment (dequantized: the
 //      codebook times its norm, or q4's 0..15 * scale + zero);
 //   3. logits of every row for every token, in tiles of kRows rows x
-//      kLanes / kRows tokens: the decoded chunk of a token is loaded once for
-//      all rows of the tile, and the tile's kLanes dot products reduce in one
-//      transpose-and-add;
+//      KeyPass::TileTokens(kRows) tokens (mostly kLanes / kRows): the decoded
+//      chunk of a token is loaded once for all rows of the tile, and the
+//      tile's dot products reduce kLanes at a time in a transpose-and-add;
 //   4. per row: softcap, the mask (select), NaN / +Inf detection, the block
 //      max, the softmax weights;
 //   5. values: tiles of 4 rows x Isa::kValueChunks chunks of accumulators
@@ -99,7 +99,8 @@ constexpr int kMaskedMode = Isa::kFullWords + 2 * kAffineMode;
 // Added to a 4-bit segment's word mode (full or repeated words) where
 // the variant reads symmetric tables with one 8-entry lookup
 // (Isa::kSymmetricLookup) and the table is symmetric: entry 15 - c is
-// -entry c, as in every TurboQuant codebook, and so in any multiple of one.
+// -entry c, as in every TurboQuant codebook, and so (round to nearest, NaN
+// aside) in any multiple of one.
 constexpr int kSymmetricMode = 16;
 // Iterations of a kMaskedMode word block (a full word's 8 codes): a constant,
 // so that the loop over them unrolls. Only masked q4 keys unroll: unrolled,
@@ -224,7 +225,9 @@ struct TierPlan {
   }
 
   // Entry 15 - c is entry c with its sign bit flipped, for every c: so
-  // also in the table times any factor (IEEE multiplication is sign-symmetric).
+  // also in the table times any factor (a product's sign is the factors',
+  // rounding to nearest), except where the product is NaN, whose sign no
+  // result depends on.
   static bool Symmetric(const float* table) {
     for (int c = 0; c < 8; ++c) {
       uint32_t low, high;
@@ -333,21 +336,22 @@ class AheadRows {
       const TierData& d = tiers[i];
       row_bytes_[i] = formats[i]->row_bytes;
       rows_[i] = reinterpret_cast<const char*>(d.data + slot * row_bytes_[i]);
-      for (int k = 0; d.scale && k < tokens_; k += 16) {
-        Isa::Prefetch(d.scale + slot + k);
-        Isa::Prefetch(d.zero + slot + k);
+      if (d.scale) {
+        Lines(d.scale + slot, tokens_ * sizeof(float));
+        Lines(d.zero + slot, tokens_ * sizeof(float));
       }
       const int norms = formats[i]->norm_count;
-      for (int k = 0; d.norms && k < tokens_ * norms; k += 32) {
-        Isa::Prefetch(d.norms + slot * norms + k);
-      }
+      if (d.norms) Lines(d.norms + slot * norms, tokens_ * norms * sizeof(uint16_t));
     }
   }
 
-  // The K and V rows of block tokens [tt, tt + count), kAhead on, if in the run.
+  // The K and V rows of block tokens [tt, tt + count), kAhead on, those in the run.
   KVJAX_INLINE void Rows(int tt, int count) const {
-    if (tt + count > tokens_) return;
+    if (tt + count > tokens_) count = tokens_ - tt;
+    if (count <= 0) return;
     for (int i = 0; i < 2; ++i) {
+      // From the first row's start (a line early at most where rows are not
+      // line-aligned: the tile before asked for it).
       for (int64_t b = tt * row_bytes_[i]; b < (tt + count) * row_bytes_[i]; b += 64) {
         Isa::Prefetch(rows_[i] + b);
       }
@@ -355,6 +359,14 @@ class AheadRows {
   }
 
  private:
+  // Every 64-byte line that [p, p + bytes) touches.
+  static KVJAX_INLINE void Lines(const void* p, int64_t bytes) {
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(p);
+    for (uintptr_t line = begin & ~uintptr_t{63}; line < begin + bytes; line += 64) {
+      Isa::Prefetch(reinterpret_cast<const void*>(line));
+    }
+  }
+
   int tokens_ = 0;  // of the block kAhead on, in the run (contiguous)
   const char* rows_[2] = {};
   int64_t row_bytes_[2] = {};
@@ -719,11 +731,13 @@ class ValuePass {
   }
 
   void Values(const BlockState& st, int64_t slot0, int n) {
-    if (symmetric_) {
-      ValuesOf<true>(st, slot0, n);
-    } else {
-      ValuesOf<false>(st, slot0, n);
+    if constexpr (Isa::kSymmetricLookup) {
+      if (symmetric_) {
+        ValuesOf<true>(st, slot0, n);
+        return;
+      }
     }
+    ValuesOf<false>(st, slot0, n);
   }
 
 
@@ -1015,6 +1029,9 @@ inline bool SimdFits(const TierFormat& f) {
   for (int s = 0; s < f.num_segments; ++s) {
     const Segment& seg = f.segments[s];
     if (seg.lane_offset % Isa::kLanes != 0 || !LutFits(seg, Isa::kLanes)) return false;
+    // Affine segments (q4's scale and zero) alone or not at all: the plan
+    // reads a format's first segment to choose between the two algebras.
+    if ((seg.norm_index < 0) != (f.segments[0].norm_index < 0)) return false;
     const LutGeometry g = LutGeometryOf(seg, Isa::kLanes);
     if (seg.channels / Isa::kLanes / g.iterations > kMaxLutBlocks) {
       return false;
