@@ -350,8 +350,8 @@ class AheadRows {
     if (tt + count > tokens_) count = tokens_ - tt;
     if (count <= 0) return;
     for (int i = 0; i < 2; ++i) {
-      // From the first row's start (a line early at most where rows are not
-      // line-aligned: the tile before asked for it).
+      // From the first row's start: where rows are not line-aligned the
+      // last line may be left out, and the next tile, starting in it, asks.
       for (int64_t b = tt * row_bytes_[i]; b < (tt + count) * row_bytes_[i]; b += 64) {
         Isa::Prefetch(rows_[i] + b);
       }
@@ -739,7 +739,6 @@ class ValuePass {
     }
     ValuesOf<false>(st, slot0, n);
   }
-
 
   void Finish() {
     const int lanes = plan_.lanes;
