@@ -569,13 +569,14 @@ class KeyPass {
     typename Isa::Table table[kTokens];
 #pragma GCC unroll 16
     for (int j = 0; j < kTokens; ++j) table[j] = Isa::LoadTable(plan_.base[s]);
+    const SegmentView<kIterations> view(*this, r0, s);
     for (int tt = 0; tt < n; tt += kTokens) {
       int64_t slot[kTokens];
       TileSlots<kTokens>(r0 == 0 && s == 0 ? &ahead : nullptr, slot0, tt, n, slot);
       V x[kRows * kTokens];
 #pragma GCC unroll 16
       for (int i = 0; i < kRows * kTokens; ++i) x[i] = Isa::Zero();
-      SegmentTile<kRows, kMode, kIterations>(x, r0, s, slot, table);
+      SegmentTile<kRows, kMode>(x, view, slot, table);
       StoreDots<kRows>(st, x, r0, s, tt);
     }
   }
@@ -586,6 +587,8 @@ class KeyPass {
   template <int kRows>
   void ScoreLutFused(const BlockState& st, int r0, const AheadRows& ahead, int64_t slot0, int n) {
     constexpr int kTokens = TileTokens(kRows);
+    SegmentView<0> view[kMaxSegments];
+    for (int s = 0; s < plan_.f->num_segments; ++s) view[s] = SegmentView<0>(*this, r0, s);
     for (int tt = 0; tt < n; tt += kTokens) {
       int64_t slot[kTokens];
       TileSlots<kTokens>(r0 == 0 ? &ahead : nullptr, slot0, tt, n, slot);
@@ -604,7 +607,7 @@ class KeyPass {
         WithWordMode(plan_.segs[s].mode, [&](auto mode) {
           constexpr int kMode = decltype(mode)::value;
           if constexpr (kMode % kSymmetricMode < kAffineMode) {
-            SegmentTile<kRows, kMode, 0>(x, r0, s, slot, table);
+            SegmentTile<kRows, kMode>(x, view[s], slot, table);
           }
         });
       }
@@ -612,31 +615,59 @@ class KeyPass {
     }
   }
 
-  // Segment s's dots of one tile into x: each token's words read once per
-  // word block, looked up once per iteration (chunk) in its table.
+  // What one segment's tiles of rows r0.. read, copied out of the plan
+  // first: read in place (Isa::Words may alias the dots' float stores), its
+  // masks and the query and row addresses were reloaded, and the masks
+  // spilled again, for every tile (q4: 40 of 190 key instructions a token).
   // kIterations: the segment's iterations, or 0 (read at run time).
+  template <int kIterations>
+  struct SegmentView {
+    static constexpr int kShifts = kIterations > 0 ? kIterations : 32;
+    SegmentView() = default;
+    SegmentView(const KeyPass& pass, int r0, int s)
+        : ls(&pass.plan_.segs[s]),
+          q(&pass.q_[r0 * pass.plan_.lanes + ls->first_chunk * L]),
+          data(pass.a_.k.data),
+          row_bytes(pass.plan_.f->row_bytes),
+          lanes(pass.plan_.lanes),
+          blocks(ls->blocks),
+          iterations(kIterations > 0 ? kIterations : ls->iterations) {
+      for (int it = 0; it < iterations; ++it) shift[it] = ls->shift[it];
+    }
+    const LutSegment* ls;
+    const float* q;  // row r0's lanes of the segment's first chunk
+    const uint8_t* data;
+    int64_t row_bytes;
+    int lanes, blocks, iterations;
+    W shift[kShifts];  // kMaskedMode: the masks, but at the top code
+  };
+
+  // A segment's dots of one tile into x: each token's words read once per
+  // word block, looked up once per iteration (chunk) in its table.
   template <int kRows, int kMode, int kIterations>
-  KVJAX_INLINE void SegmentTile(V* x, int r0, int s, const int64_t* slot,
+  KVJAX_INLINE void SegmentTile(V* x, const SegmentView<kIterations>& view, const int64_t* slot,
                                 const typename Isa::Table* table) const {
     constexpr int kTokens = TileTokens(kRows);
-    const LutSegment& ls = plan_.segs[s];
-    const float* q_tile = &q_[r0 * plan_.lanes + ls.first_chunk * L];
-    for (int b = 0; b < ls.blocks; ++b) {
+    const uint8_t* row[kTokens];
+#pragma GCC unroll 16
+    for (int j = 0; j < kTokens; ++j) row[j] = view.data + slot[j] * view.row_bytes;
+    for (int b = 0; b < view.blocks; ++b) {
       W words[kTokens];
 #pragma GCC unroll 16
       for (int j = 0; j < kTokens; ++j) {
-        words[j] = Isa::template LutWords<kMode % kAffineMode>(plan_.RowOf(a_.k, slot[j]),
-                                                               ls.block[b]);
+        words[j] = Isa::template LutWords<kMode % kAffineMode>(row[j], view.ls->block[b]);
       }
-      const float* q_block = q_tile + b * ls.iterations * L;
+      const float* q_block = view.q + b * view.iterations * L;
       if constexpr (kIterations > 0) {
 #pragma GCC unroll 8
         for (int it = 0; it < kIterations; ++it) {
-          SegmentChunk<kRows, kMode>(x, words, q_block, ls, it, it + 1 == kIterations, table);
+          SegmentChunk<kRows, kMode>(x, words, q_block, view.lanes, view.shift[it],
+                                     it, it + 1 == kIterations, table);
         }
       } else {
-        for (int it = 0; it < ls.iterations; ++it) {
-          SegmentChunk<kRows, kMode>(x, words, q_block, ls, it, it + 1 == ls.iterations, table);
+        for (int it = 0; it < view.iterations; ++it) {
+          SegmentChunk<kRows, kMode>(x, words, q_block, view.lanes, view.shift[it],
+                                     it, it + 1 == view.iterations, table);
         }
       }
     }
@@ -644,13 +675,12 @@ class KeyPass {
 
   // Iteration `it` of a word block: one chunk of every token of the tile.
   template <int kRows, int kMode>
-  KVJAX_INLINE void SegmentChunk(V* x, const W* words, const float* q_block, const LutSegment& ls,
+  KVJAX_INLINE void SegmentChunk(V* x, const W* words, const float* q_block, int lanes, W shift,
                                  int it, bool top, const typename Isa::Table* table) const {
     constexpr int kTokens = TileTokens(kRows);
-    const W shift = ls.shift[it];  // kMaskedMode: the mask, but at the top code
     V q[kRows];
 #pragma GCC unroll 4
-    for (int i = 0; i < kRows; ++i) q[i] = Isa::Load(q_block + i * plan_.lanes + it * L);
+    for (int i = 0; i < kRows; ++i) q[i] = Isa::Load(q_block + i * lanes + it * L);
 #pragma GCC unroll 16
     for (int j = 0; j < kTokens; ++j) {
       V k;
