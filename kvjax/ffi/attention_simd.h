@@ -119,11 +119,19 @@ KVJAX_INLINE typename I::V TopCodes(typename I::Words words, typename I::Words s
   return I::LutTopCodes(words, shift);
 }
 
-// I::LutSymmetric (I = Isa): only a variant with symmetric lookups instantiates it.
+// kSymmetricMode words are folded as they load (I::SymmetricWords, once
+// per token and word block), then every chunk is looked up from them
+// (I::LutSymmetric). Through templates on I = Isa: only a variant with
+// symmetric lookups instantiates them.
+template <int kMode, typename I>
+KVJAX_INLINE typename I::Words LoadedWords(typename I::Words words) {
+  if constexpr (kMode >= kSymmetricMode) return I::SymmetricWords(words);
+  return words;
+}
 template <typename I>
-KVJAX_INLINE typename I::V SymmetricValues(typename I::Words words, typename I::Words shift,
+KVJAX_INLINE typename I::V SymmetricValues(typename I::Words folded, typename I::Words shift,
                                            const typename I::Table& table) {
-  return I::LutSymmetric(words, shift, table);
+  return I::LutSymmetric(folded, shift, table);
 }
 
 // Chunk of a kLut segment: the codes as numbers (q4) or looked up.
@@ -655,7 +663,8 @@ class KeyPass {
       W words[kTokens];
 #pragma GCC unroll 16
       for (int j = 0; j < kTokens; ++j) {
-        words[j] = Isa::template LutWords<kMode % kAffineMode>(row[j], view.ls->block[b]);
+        words[j] = LoadedWords<kMode, Isa>(
+            Isa::template LutWords<kMode % kAffineMode>(row[j], view.ls->block[b]));
       }
       const float* q_block = view.q + b * view.iterations * L;
       if constexpr (kIterations > 0) {
@@ -911,8 +920,8 @@ class ValuePass {
                                 int it0, int c0, V* v) const {
     const int64_t slot = slot0 + t;
     if (kKind == ValueKind::kLut) {
-      const W words = Isa::template LutWords<kMode % kAffineMode>(plan_.RowOf(a_.v, slot),
-                                                                  ls->block[b]);
+      const W words = LoadedWords<kMode, Isa>(
+          Isa::template LutWords<kMode % kAffineMode>(plan_.RowOf(a_.v, slot), ls->block[b]));
 #pragma GCC unroll 4
       for (int j = 0; j < kChunks; ++j) v[j] = LutValues<kMode>(words, ls->shift[it0 + j], table);
     } else {
