@@ -90,6 +90,7 @@ KVJAX_INLINE typename Isa::V VecTanh(typename Isa::V x) {
 }
 
 constexpr int kMaxLutBlocks = 16;
+constexpr int kMaxLutIterations = 32;  // chunks per word block: 1-bit codes
 // Added to a segment's word mode when its table is 0..15 (q4).
 constexpr int kAffineMode = 4;
 // q4 keys in full words where the variant masks codes in place
@@ -151,7 +152,7 @@ struct LutSegment {
   int first_chunk, blocks, iterations;
   int mode;  // how its words load: Isa::kFullWords, kRepeatedWords, kThreeBitWords
   typename Isa::LutBlock block[kMaxLutBlocks];
-  typename Isa::Words shift[32];
+  typename Isa::Words shift[kMaxLutIterations];
 };
 
 constexpr int kBlock = 64;  // tokens per block: a multiple of Isa::kLanes
@@ -626,11 +627,12 @@ class KeyPass {
   // What one segment's tiles of rows r0.. read, copied out of the plan
   // first: read in place (Isa::Words may alias the dots' float stores), its
   // masks and the query and row addresses were reloaded, and the masks
-  // spilled again, for every tile (q4: 40 of 190 key instructions a token).
+  // spilled again, for every tile (q4: 194 key-pass instructions a token,
+  // 174 with the copy).
   // kIterations: the segment's iterations, or 0 (read at run time).
   template <int kIterations>
   struct SegmentView {
-    static constexpr int kShifts = kIterations > 0 ? kIterations : 32;
+    static constexpr int kShifts = kIterations > 0 ? kIterations : kMaxLutIterations;
     SegmentView() = default;
     SegmentView(const KeyPass& pass, int r0, int s)
         : ls(&pass.plan_.segs[s]),
