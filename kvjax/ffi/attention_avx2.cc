@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <new>
 
 #include "attention_format.h"
 #include "attention_kernels.h"
@@ -79,11 +80,12 @@ struct Isa {
     const __m256i lt = _mm256_cmpgt_epi32(_mm256_set1_epi32(ve), lane);
     return _mm256_castsi256_ps(_mm256_and_si256(ge, lt));
   }
-  static bool AnyNanOrPosInf(V x, Mask m) {
-    const V bad = _mm256_or_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q),
-                               _mm256_cmp_ps(x, Set1(__builtin_inff()), _CMP_EQ_OQ));
-    return _mm256_movemask_ps(_mm256_and_ps(bad, m)) != 0;
+  // acc, plus the lanes of m where x is NaN or +Inf (not less than +Inf).
+  static Mask FlagNanOrPosInf(V x, Mask m, Mask acc) {
+    const V bad = _mm256_cmp_ps(x, Set1(__builtin_inff()), _CMP_NLT_UQ);
+    return _mm256_or_ps(acc, _mm256_and_ps(bad, m));
   }
+  static bool AnyLane(Mask m) { return _mm256_movemask_ps(m) != 0; }
   static V LoadPartial(const float* p, int n) {
     if (n >= 8) return _mm256_loadu_ps(p);
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n),
@@ -145,16 +147,31 @@ struct Isa {
     int32_t byte_offset;
     int32_t words;
     bool three_bit;
-    __m256i spread;
+    // A whole 3-bit block (8 groups, 24 bytes) is one 32-byte load from
+    // load_offset, inside the row; else load_offset is -1.
+    int32_t load_offset;
+    // Dwords to lanes: a whole block's load to groups 0-3 and 4-7 in the two
+    // 128-bit lanes; fewer words, lane l from word l % words.
+    __m256i permute;
   };
-  static void PlanBlock(const Segment& seg, int b, LutBlock* block) {
+  static void PlanBlock(const Segment& seg, int b, int64_t row_bytes, LutBlock* block) {
     const LutGeometry g = LutGeometryOf(seg, 8);
-    alignas(32) int32_t spread[8];
-    for (int l = 0; l < 8; ++l) spread[l] = l % g.chunk_words;
     block->words = g.chunk_words;
     block->three_bit = seg.bits == 3;
     block->byte_offset = seg.code_offset + 8 * b * (seg.bits == 3 ? 3 : 4);
-    block->spread = _mm256_load_si256(reinterpret_cast<const __m256i*>(spread));
+    // From the block's start where 32 bytes fit in the row, else ending at
+    // its end (a row shorter than 32 bytes keeps the exact loads).
+    const int32_t begin = block->byte_offset, end = begin + 24;
+    block->load_offset = !block->three_bit || g.chunk_words != 8 ? -1
+                         : begin + 32 <= row_bytes ? begin
+                         : end >= 32 ? end - 32 : -1;
+    const int32_t skip = block->load_offset < 0 ? 0 : (begin - block->load_offset) / 4;
+    alignas(32) int32_t permute[8];
+    for (int l = 0; l < 8; ++l) {
+      permute[l] = block->load_offset >= 0 ? skip + 3 * (l / 4) + (l % 4 < 2 ? l % 4 : 2)
+                                           : l % g.chunk_words;
+    }
+    block->permute = _mm256_load_si256(reinterpret_cast<const __m256i*>(permute));
   }
   static Words PlanShift(const Segment& seg, int it) {
     alignas(32) int32_t shift[8];
@@ -185,7 +202,10 @@ struct Isa {
     // each into a dword. 2 groups (6 bytes) are copied byte-wise: a dword
     // load could read past the end of the last row.
     __m256i v;
-    if (p.words >= 4) {  // in registers (a store and a wider reload would stall)
+    if (p.load_offset >= 0) {  // a whole block: dwords 0-2 and 3-5 to the two lanes
+      v = _mm256_permutevar8x32_epi32(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p.load_offset)), p.permute);
+    } else if (p.words >= 4) {  // in registers (a store and a wider reload would stall)
       const __m128i three = _mm_setr_epi32(-1, -1, -1, 0);
       const __m128i low = _mm_maskload_epi32(reinterpret_cast<const int*>(src), three);
       const __m128i high = p.words == 8
@@ -198,7 +218,7 @@ struct Isa {
     }
     const __m128i pattern = _mm_setr_epi8(0, 1, 2, -128, 3, 4, 5, -128, 6, 7, 8, -128, 9, 10, 11, -128);
     const __m256i groups = _mm256_shuffle_epi8(v, _mm256_broadcastsi128_si256(pattern));
-    return p.words == 8 ? groups : _mm256_permutevar8x32_epi32(groups, p.spread);
+    return p.words == 8 ? groups : _mm256_permutevar8x32_epi32(groups, p.permute);
   }
   // A 16-entry table is two permutes and a blend on index bit 3; tables of
   // up to 8 entries repeat, so one permute (of the low 3 bits) reads them.

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <new>
 
 #include "attention_format.h"
 #include "attention_kernels.h"
@@ -66,10 +67,11 @@ struct Isa {
     const uint32_t bits = ((1u << hi) - 1) & ~((1u << lo) - 1);
     return static_cast<Mask>(bits);
   }
-  static bool AnyNanOrPosInf(V x, Mask m) {
-    return (_mm512_mask_cmp_ps_mask(m, x, x, _CMP_UNORD_Q) |
-            _mm512_mask_cmp_ps_mask(m, x, Set1(__builtin_inff()), _CMP_EQ_OQ)) != 0;
+  // acc, plus the lanes of m where x is NaN or +Inf (not less than +Inf).
+  static Mask FlagNanOrPosInf(V x, Mask m, Mask acc) {
+    return acc | _mm512_mask_cmp_ps_mask(m, x, Set1(__builtin_inff()), _CMP_NLT_UQ);
   }
+  static bool AnyLane(Mask m) { return m != 0; }
   static V LoadPartial(const float* p, int n) {
     if (n >= 16) return _mm512_loadu_ps(p);
     return _mm512_maskz_loadu_ps(static_cast<Mask>((1u << n) - 1), p);
@@ -139,7 +141,7 @@ struct Isa {
     __mmask64 byte_mask;
     __m512i gather;
   };
-  static void PlanBlock(const Segment& seg, int b, LutBlock* block) {
+  static void PlanBlock(const Segment& seg, int b, int64_t /*row_bytes*/, LutBlock* block) {
     const LutGeometry g = LutGeometryOf(seg, 16);
     alignas(64) int32_t spread[16];
     for (int l = 0; l < 16; ++l) spread[l] = l % g.chunk_words;

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <new>
 
 #include "attention_format.h"
 #include "attention_kernels.h"
@@ -57,11 +58,12 @@ struct Isa {
     const int32x4_t lane = vaddq_s32(vld1q_s32(iota), vdupq_n_s32(t));
     return vandq_u32(vcgeq_s32(lane, vdupq_n_s32(vb)), vcltq_s32(lane, vdupq_n_s32(ve)));
   }
-  static bool AnyNanOrPosInf(V x, Mask m) {
-    const uint32x4_t bad = vorrq_u32(vmvnq_u32(vceqq_f32(x, x)),
-                                     vceqq_f32(x, vdupq_n_f32(__builtin_inff())));
-    return vmaxvq_u32(vandq_u32(bad, m)) != 0;
+  // acc, plus the lanes of m where x is NaN or +Inf (not less than +Inf).
+  static Mask FlagNanOrPosInf(V x, Mask m, Mask acc) {
+    const uint32x4_t bad = vmvnq_u32(vcltq_f32(x, vdupq_n_f32(__builtin_inff())));
+    return vorrq_u32(acc, vandq_u32(bad, m));
   }
+  static bool AnyLane(Mask m) { return vmaxvq_u32(m) != 0; }
   static V LoadPartial(const float* p, int n) {
     if (n >= 4) return vld1q_f32(p);
     float tmp[4] = {0, 0, 0, 0};
@@ -104,7 +106,7 @@ struct Isa {
     int32_t bytes;       // code bytes of the block's words
     uint8x16_t gather;   // word bytes -> lane dwords (255: zero)
   };
-  static void PlanBlock(const Segment& seg, int b, LutBlock* block) {
+  static void PlanBlock(const Segment& seg, int b, int64_t /*row_bytes*/, LutBlock* block) {
     const LutGeometry g = LutGeometryOf(seg, 4);
     const int word_bytes = seg.bits == 3 ? 3 : 4;
     uint8_t gather[16];

@@ -31,7 +31,7 @@
 
 // This header is included inside a namespace; its includes come first in
 // the including file: attention_format.h, attention_kernels.h, <cstdint>,
-// <cstring>, <limits>. It uses no library templates (see RunArgs::scratch).
+// <cstring>, <limits>, <new>. It uses no library templates (see RunArgs::scratch).
 
 // Carves 64-byte aligned arrays out of a run's scratch memory.
 class Arena {
@@ -223,7 +223,7 @@ struct TierPlan {
                 : g.chunk_words == L ? Isa::kFullWords : Isa::kRepeatedWords;
       // q4's table is 0..15: a variant may read the codes as numbers.
       if (seg.norm_index < 0) ls.mode += kAffineMode;
-      for (int b = 0; b < ls.blocks; ++b) Isa::PlanBlock(seg, b, &ls.block[b]);
+      for (int b = 0; b < ls.blocks; ++b) Isa::PlanBlock(seg, b, format.row_bytes, &ls.block[b]);
       for (int it = 0; it < g.iterations; ++it) ls.shift[it] = Isa::PlanShift(seg, it);
       // The codebook repeated to 16 entries (q4: 0 .. 15).
       for (int i = 0; i < 16; ++i) {
@@ -381,6 +381,13 @@ class AheadRows {
   int64_t row_bytes_[2] = {};
 };
 
+// A block's per-token floats at p, tokens t .. t + L of the n - t left:
+// whole vectors in a whole block (kWhole), else masked past the block's end.
+template <bool kWhole>
+KVJAX_INLINE typename Isa::V Part(const float* p, int left) {
+  return kWhole ? Isa::Load(p) : Isa::LoadPartial(p, left);
+}
+
 // 3. The keys: logits of every row for every token of a block.
 template <ValueKind kKind>
 class KeyPass {
@@ -463,26 +470,48 @@ class KeyPass {
     }
   }
 
-  // The logits of row r for block tokens t .. t + L from the dots: the
-  // segments' dots times their factors (q4: s dot + z sum(q)).
-  KVJAX_INLINE V Logits(const BlockState& st, int r, int64_t slot0, int t, int n) const {
-    const float* s = &st.scores[r * kBlock];
-    V x = Isa::Load(s + t);
-    if (kKind == ValueKind::kQ8) {  // s (q . c) + z sum(q)
-      return Isa::Fma(Isa::Set1(q_sum_[r]), Isa::LoadPartial(a_.k.zero + slot0 + t, n - t),
-                      Isa::Mul(x, Isa::LoadPartial(a_.k.scale + slot0 + t, n - t)));
-    }
-    if (kKind == ValueKind::kLut && !fused_) {
-      const size_t plane = static_cast<size_t>(rows_) * kBlock;
-      x = Isa::Mul(x, Isa::Load(factors_ + t));
-      for (int g = 1; g < plan_.f->num_segments; ++g) {
-        x = Isa::Fma(Isa::Load(s + g * plane + t), Isa::Load(factors_ + g * kBlock + t), x);
+  // Row r's logits from its dots, for the softmax: the segments' dots times
+  // their factors (q8, q4: s dot + z sum(q)). What it reads is copied out of
+  // the pass: read in place, the plan's flags and pointers were reloaded for
+  // every vector (the softmax's float stores may alias them).
+  struct LogitsView {
+    const float* dots;     // row r's, segment 0
+    const float* factors;  // kLut: segment g's at g * kBlock
+    const float* scale;    // q8: the block's scales
+    const float* zero;     // q8, q4: the block's zeros
+    size_t plane;          // from one segment's dots to the next's
+    int segments;          // kLut, not fused: segments whose dots add
+    float q_sum;
+    bool affine;
+
+    // Tokens t .. t + L; kWhole: a whole block (t + L <= n).
+    template <bool kWhole>
+    KVJAX_INLINE V At(int t, int n) const {
+      V x = Isa::Load(dots + t);
+      if (kKind == ValueKind::kQ8) {
+        return Isa::Fma(Isa::Set1(q_sum), Part<kWhole>(zero + t, n - t),
+                        Isa::Mul(x, Part<kWhole>(scale + t, n - t)));
       }
-      if (plan_.affine) {
-        x = Isa::Fma(Isa::Set1(q_sum_[r]), Isa::LoadPartial(a_.k.zero + slot0 + t, n - t), x);
+      if (kKind != ValueKind::kLut || segments == 0) return x;
+      x = Isa::Mul(x, Isa::Load(factors + t));
+      for (int g = 1; g < segments; ++g) {
+        x = Isa::Fma(Isa::Load(dots + g * plane + t), Isa::Load(factors + g * kBlock + t), x);
       }
+      if (affine) x = Isa::Fma(Isa::Set1(q_sum), Part<kWhole>(zero + t, n - t), x);
+      return x;
     }
-    return x;
+  };
+
+  LogitsView Logits(const BlockState& st, int r, int64_t slot0) const {
+    const bool lut = kKind == ValueKind::kLut;
+    return {&st.scores[r * kBlock],
+            factors_,
+            a_.k.scale ? a_.k.scale + slot0 : nullptr,
+            a_.k.zero ? a_.k.zero + slot0 : nullptr,
+            static_cast<size_t>(rows_) * kBlock,
+            lut && !fused_ ? plan_.f->num_segments : 0,
+            q_sum_[r],
+            plan_.affine};
   }
 
  private:
@@ -597,7 +626,9 @@ class KeyPass {
   void ScoreLutFused(const BlockState& st, int r0, const AheadRows& ahead, int64_t slot0, int n) {
     constexpr int kTokens = TileTokens(kRows);
     SegmentView<0> view[kMaxSegments];
-    for (int s = 0; s < plan_.f->num_segments; ++s) view[s] = SegmentView<0>(*this, r0, s);
+    // Built in place: an assigned copy moved all kMaxLutIterations shifts
+    // (turbo3.5: 1% of a call in `rep movs`), the constructor those in use.
+    for (int s = 0; s < plan_.f->num_segments; ++s) new (&view[s]) SegmentView<0>(*this, r0, s);
     for (int tt = 0; tt < n; tt += kTokens) {
       int64_t slot[kTokens];
       TileSlots<kTokens>(r0 == 0 ? &ahead : nullptr, slot0, tt, n, slot);
@@ -738,33 +769,50 @@ class ValuePass {
 
   void Factors(int64_t slot0, int n) { plan_.Factors(a_.v, slot0, n, factors_); }
 
-  // The weights of row r for block tokens t .. t + L from their softmax
-  // weights p: times each kLut segment's factor (q8: its scale); the affine
-  // formats' p z summed apart.
-  // kWhole: the row sees every token of a whole block (no masks).
-  template <bool kWhole>
-  KVJAX_INLINE void Weights(const BlockState& st, int r, const RowSpan& row, int64_t slot0, int t,
-                            int n, V p, V* zero_sum) const {
-    float* w = &st.weights[r * kBlock];
-    if (kKind != ValueKind::kLut && kKind != ValueKind::kQ8) {
-      Isa::Store(w + t, p);
-      return;
-    }
-    if (kKind == ValueKind::kQ8) {
-      Isa::Store(w + t, Isa::Mul(p, Isa::LoadPartial(a_.v.scale + slot0 + t, n - t)));
-    } else {
-      const size_t plane = static_cast<size_t>(rows_) * kBlock;
-      for (int g = 0; g < plan_.f->num_segments; ++g) {
-        Isa::Store(w + g * plane + t, Isa::Mul(p, Isa::Load(factors_ + g * kBlock + t)));
+  // Row r's weights from its softmax weights p, for the softmax: times each
+  // kLut segment's factor (q8: its scale); the affine formats' p z summed
+  // apart. Copied out of the pass, as KeyPass::LogitsView is.
+  struct WeightsView {
+    float* weights;        // row r's, segment 0
+    const float* factors;  // kLut: segment g's at g * kBlock
+    const float* scale;    // q8: the block's scales
+    const float* zero;     // q8, q4: the block's zeros
+    size_t plane;          // from one segment's weights to the next's
+    int segments;          // kLut
+    bool affine;
+
+    // Tokens t .. t + L; kWhole: the row sees every token of a whole block.
+    template <bool kWhole>
+    KVJAX_INLINE void Put(int t, int n, const RowSpan& row, V p, V* zero_sum) const {
+      if (kKind != ValueKind::kLut && kKind != ValueKind::kQ8) {
+        Isa::Store(weights + t, p);
+        return;
+      }
+      if (kKind == ValueKind::kQ8) {
+        Isa::Store(weights + t, Isa::Mul(p, Part<kWhole>(scale + t, n - t)));
+      } else {
+        for (int g = 0; g < segments; ++g) {
+          Isa::Store(weights + g * plane + t, Isa::Mul(p, Isa::Load(factors + g * kBlock + t)));
+        }
+      }
+      if (affine && kWhole) {
+        *zero_sum = Isa::Fma(p, Isa::Load(zero + t), *zero_sum);
+      } else if (affine) {  // select: a masked token's zero (maybe NaN) never enters
+        const M visible = Isa::SpanMask(t, row.vb, row.ve);
+        *zero_sum = Isa::Add(*zero_sum, Isa::Select(
+            visible, Isa::Mul(p, Isa::LoadPartial(zero + t, n - t)), Isa::Zero()));
       }
     }
-    if (plan_.affine && kWhole) {
-      *zero_sum = Isa::Add(*zero_sum, Isa::Mul(p, Isa::Load(a_.v.zero + slot0 + t)));
-    } else if (plan_.affine) {  // select: a masked token's zero (maybe NaN) never enters
-      const M visible = Isa::SpanMask(t, row.vb, row.ve);
-      *zero_sum = Isa::Add(*zero_sum, Isa::Select(
-          visible, Isa::Mul(p, Isa::LoadPartial(a_.v.zero + slot0 + t, n - t)), Isa::Zero()));
-    }
+  };
+
+  WeightsView Weights(const BlockState& st, int r, int64_t slot0) const {
+    return {&st.weights[r * kBlock],
+            factors_,
+            a_.v.scale ? a_.v.scale + slot0 : nullptr,
+            a_.v.zero ? a_.v.zero + slot0 : nullptr,
+            static_cast<size_t>(rows_) * kBlock,
+            kKind == ValueKind::kLut ? plan_.f->num_segments : 0,
+            plan_.affine};
   }
 
   void ScaleZero(int r, float correction, float zero_sum) {
@@ -1015,21 +1063,24 @@ class SimdRun {
     const V minus_inf = Isa::Set1(-__builtin_inff());
     const M all = Isa::RowMask(true);
     float* s = &st_.scores[r * kBlock];
+    // Locals, read once: the loops' float stores may alias the state.
+    const auto logits = keys_.Logits(st_, r, slot0);
+    const auto weights = values_.Weights(st_, r, slot0);
+    const RowSpan span = row;
+    const bool has_softcap = a_.has_softcap;
+    const V softcap = Isa::Set1(a_.softcap);
     V block_max = minus_inf;
-    bool bad = false;
+    M bad = Isa::RowMask(false);  // lanes where a visible logit was NaN or +Inf
     for (int t = 0; t < n; t += L) {
-      V x = keys_.Logits(st_, r, slot0, t, n);
-      if (a_.has_softcap) {
-        const V c = Isa::Set1(a_.softcap);
-        x = Isa::Mul(c, VecTanh(Isa::Div(x, c)));
-      }
-      const M visible = kWhole ? all : Isa::SpanMask(t, row.vb, row.ve);
-      bad = bad || Isa::AnyNanOrPosInf(x, visible);
+      V x = logits.template At<kWhole>(t, n);
+      if (has_softcap) x = Isa::Mul(softcap, VecTanh(Isa::Div(x, softcap)));
+      const M visible = kWhole ? all : Isa::SpanMask(t, span.vb, span.ve);
+      bad = Isa::FlagNanOrPosInf(x, visible, bad);
       if (!kWhole) x = Isa::Select(visible, x, minus_inf);
       Isa::Store(s + t, x);
       block_max = Isa::Max(block_max, x);
     }
-    if (bad) {
+    if (Isa::AnyLane(bad)) {
       out_.nan[r] = 1;
       row.active = false;
       return;
@@ -1046,7 +1097,7 @@ class SimdRun {
     for (int t = 0; t < n; t += L) {
       const V p = VecSoftmaxWeight(Isa::Sub(Isa::Load(s + t), shift_v));  // masked: 0
       sum = Isa::Add(sum, p);
-      values_.template Weights<kWhole>(st_, r, row, slot0, t, n, p, &zero_sum);
+      weights.template Put<kWhole>(t, n, span, p, &zero_sum);
     }
     out_.denom[r] = out_.denom[r] * row.correction + Isa::ReduceAdd(sum);
     values_.ScaleZero(r, row.correction, Isa::ReduceAdd(zero_sum));
