@@ -35,8 +35,9 @@ struct Isa {
   static constexpr int TileTokens(int rows, bool lut) {
     return rows == 3 ? 4 : rows == 4 && !lut ? 3 : kLanes / rows;
   }
-  // q4 keys below a word's top code are masked in place (c 2^s; LutMaskedCodes).
-  static constexpr bool kMaskedKeyCodes = true;
+  // q4 codes below a word's top one are masked in place (c 2^s; LutMaskedCodes),
+  // keys and values: no shift, which shares a port with the FMAs (Zen 3).
+  static constexpr bool kMaskedCodes = true;
   // Symmetric 16-entry tables in one permute (LutSymmetric): a permute takes
   // an FMA slot on Zen 3 (1.3 cycles each beside FMAs, measured).
   static constexpr bool kSymmetricLookup = true;

@@ -93,10 +93,19 @@ constexpr int kMaxLutBlocks = 16;
 constexpr int kMaxLutIterations = 32;  // chunks per word block: 1-bit codes
 // Added to a segment's word mode when its table is 0..15 (q4).
 constexpr int kAffineMode = 4;
-// q4 keys in full words where the variant masks codes in place
-// (Isa::kMaskedKeyCodes): lanes below a word's top code hold c 2^s, their
-// query lanes scaled by 2^-s; the top code is shifted down as in kAffineMode.
+// q4 in full words where the variant masks codes in place
+// (Isa::kMaskedCodes): lanes below a word's top code hold c 2^s, their
+// query lanes (keys) or their sums (values) scaled by 2^-s; the top code is
+// shifted down as in kAffineMode.
 constexpr int kMaskedMode = Isa::kFullWords + 2 * kAffineMode;
+// Values: a masked value tile that holds a word's top code (its last chunk;
+// its words load as kMaskedMode's, in full: the mode modulo kAffineMode).
+constexpr int kMaskedTopMode = kMaskedMode + kAffineMode;
+// Masked values sum c 2^s w over a block: exact, and without overflow while
+// every scale of the block is below this (64 x 15 x 2^28 x 2^88 < 2^127).
+constexpr float kMaskedScaleLimit = 0x1p88f;
+// 2^(-4 it): what a masked code of iteration it is multiplied by.
+constexpr float MaskedUnit(int it) { return it == 0 ? 1.0f : 0.0625f * MaskedUnit(it - 1); }
 // Added to a 4-bit segment's word mode (full or repeated words) where
 // the variant reads symmetric tables with one 8-entry lookup
 // (Isa::kSymmetricLookup) and the table is symmetric: entry 15 - c is
@@ -174,7 +183,7 @@ KVJAX_INLINE void WithWordMode(int mode, const Fn& fn) {
       fn(WordMode<Isa::kRepeatedWords + kAffineMode>{});
       return;
     case kMaskedMode:
-      if constexpr (Isa::kMaskedKeyCodes) fn(WordMode<kMaskedMode>{});
+      if constexpr (Isa::kMaskedCodes) fn(WordMode<kMaskedMode>{});
       return;
     case Isa::kFullWords + kSymmetricMode:
       if constexpr (Isa::kSymmetricLookup) fn(WordMode<Isa::kFullWords + kSymmetricMode>{});
@@ -413,7 +422,7 @@ class KeyPass {
         if (plan_.affine) q_sum_[r] += q[i];  // q4: logits s (q . c) + z sum(q)
       }
     }
-    if constexpr (Isa::kMaskedKeyCodes) MaskCodes<Isa>();
+    if constexpr (Isa::kMaskedCodes) MaskCodes<Isa>();
     if constexpr (Isa::kSymmetricLookup) plan_.MarkSymmetric();
   }
 
@@ -756,6 +765,7 @@ class ValuePass {
   ValuePass(const RunArgs& a, const Partial& out, Arena* arena) : a_(a), out_(out), rows_(a.rows) {
     plan_.Plan(*a.value_format, arena);
     if constexpr (Isa::kSymmetricLookup) symmetric_ = plan_.MarkSymmetric();
+    if constexpr (Isa::kMaskedCodes) PlanMasks<Isa>();
     const int lanes = plan_.lanes;
     acc_ = arena->Take<float>(static_cast<size_t>(rows_) * lanes);
     zero_acc_ = arena->Take<float>(rows_);
@@ -767,7 +777,16 @@ class ValuePass {
     }
   }
 
-  void Factors(int64_t slot0, int n) { plan_.Factors(a_.v, slot0, n, factors_); }
+  // The block's factors; whether its q4 segments may read masked codes.
+  void Factors(int64_t slot0, int n) {
+    plan_.Factors(a_.v, slot0, n, factors_);
+    if (!any_masked_) return;
+    masked_block_ = true;
+    for (int t = 0; t < n; ++t) {
+      // Not below the limit, NaN included: codes as numbers (kAffineMode).
+      if (!(std::fabs(a_.v.scale[slot0 + t]) < kMaskedScaleLimit)) masked_block_ = false;
+    }
+  }
 
   // Row r's weights from its softmax weights p, for the softmax: times each
   // kLut segment's factor (q8: its scale); the affine formats' p z summed
@@ -838,6 +857,28 @@ class ValuePass {
   }
 
  private:
+  // q4 segments in full words read masked codes (kMaskedMode): iteration it
+  // of a word holds c 2^(4 it) and its tile's sums are scaled by 2^(-4 it)
+  // as they are added, exactly (a power of two), so the sums are those of
+  // the codes as numbers, bit for bit, where no block's scale reaches
+  // kMaskedScaleLimit (those read the codes as numbers).
+  // (A template on I = Isa: only a variant that masks codes instantiates it.)
+  template <typename I>
+  void PlanMasks() {
+    if constexpr (kKind != ValueKind::kLut) return;
+    for (int s = 0; s < plan_.f->num_segments; ++s) {
+      const LutSegment& ls = plan_.segs[s];
+      if (ls.mode != Isa::kFullWords + kAffineMode || plan_.f->segments[s].bits != 4 ||
+          ls.iterations != kMaskedIterations) {
+        continue;
+      }
+      masked_[s] = any_masked_ = true;
+      for (int it = 0; it + 1 < kMaskedIterations; ++it) {
+        masks_[s][it] = I::PlanMask(plan_.f->segments[s], it);
+      }
+    }
+  }
+
   // kSymmetric: whether segments may be kSymmetricMode. Apart, so that the
   // other formats' value loops compile as without them (instantiated beside
   // them, they cost q4's loop a reload of its words: +1.5% on Zen 3).
@@ -880,6 +921,12 @@ class ValuePass {
       for (int s = 0; s < plan_.f->num_segments; ++s) {
         const LutSegment& ls = plan_.segs[s];
         for (int b = 0; b < ls.blocks; ++b) {
+          if constexpr (Isa::kMaskedCodes) {
+            if (masked_[s] && masked_block_) {
+              ValueBlock<kRows, kMaskedMode>(st, r0, slot0, span, s, b);
+              continue;
+            }
+          }
           WithWordMode(ls.mode, [&](auto mode) {
             constexpr int kMode = decltype(mode)::value;
             if constexpr (kSymmetric || kMode < kSymmetricMode) {
@@ -900,6 +947,14 @@ class ValuePass {
     const int count = s >= 0 ? plan_.segs[s].iterations : plan_.chunks;
     constexpr int kChunks = Isa::kValueChunks;
     int c = 0;
+    if constexpr (kMode == kMaskedMode) {  // the last tile holds the top code
+      static_assert(kMaskedIterations % kChunks == 0, "masked tiles: whole words");
+      for (; c + kChunks < kMaskedIterations; c += kChunks) {
+        ValueTile<kRows, kChunks, kMaskedMode>(st, r0, slot0, span, s, b, c);
+      }
+      ValueTile<kRows, kChunks, kMaskedTopMode>(st, r0, slot0, span, s, b, c);
+      return;
+    }
     for (; c + kChunks <= count; c += kChunks) {
       ValueTile<kRows, kChunks, kMode>(st, r0, slot0, span, s, b, c);
     }
@@ -959,7 +1014,13 @@ class ValuePass {
 #pragma GCC unroll 4
       for (int j = 0; j < kChunks; ++j) {
         float* p = &acc_[(r0 + i) * lanes + (c0 + j) * L];
-        Isa::Store(p, Isa::Fma(Isa::Load(p), correction, acc[i][j]));
+        V sum = acc[i][j];
+        if constexpr (kMode == kMaskedMode || kMode == kMaskedTopMode) {
+          if (kMode == kMaskedMode || j + 1 < kChunks) {  // c 2^(4 it): exactly back
+            sum = Isa::Mul(sum, Isa::Set1(MaskedUnit(it0 + j)));
+          }
+        }
+        Isa::Store(p, Isa::Fma(Isa::Load(p), correction, sum));
       }
     }
   }
@@ -972,6 +1033,16 @@ class ValuePass {
     if (kKind == ValueKind::kLut) {
       const W words = LoadedWords<kMode, Isa>(
           Isa::template LutWords<kMode % kAffineMode>(plan_.RowOf(a_.v, slot), ls->block[b]));
+      if constexpr (kMode == kMaskedMode || kMode == kMaskedTopMode) {
+        const int s = static_cast<int>(ls - plan_.segs);
+#pragma GCC unroll 4
+        for (int j = 0; j < kChunks; ++j) {
+          v[j] = kMode == kMaskedTopMode && j + 1 == kChunks
+                     ? TopCodes<Isa>(words, ls->shift[it0 + j])
+                     : MaskedCodes<Isa>(words, masks_[s][it0 + j]);
+        }
+        return;
+      }
 #pragma GCC unroll 4
       for (int j = 0; j < kChunks; ++j) v[j] = LutValues<kMode>(words, ls->shift[it0 + j], table);
     } else {
@@ -986,6 +1057,10 @@ class ValuePass {
   TierPlan<kKind> plan_;
   float *acc_, *zero_acc_, *factors_;
   bool symmetric_ = false;  // a segment in kSymmetricMode
+  bool masked_[kMaxSegments] = {};  // segments that may read masked codes
+  bool any_masked_ = false, masked_block_ = false;  // masked_block_: this block may
+  // Iteration it's codes in place, per segment (kLut formats only).
+  W masks_[kKind == ValueKind::kLut ? kMaxSegments : 1][kMaskedIterations];
 };
 
 // One run: per block of kBlock tokens, the rows' spans, the key pass, the
