@@ -948,11 +948,12 @@ class ValuePass {
     constexpr int kChunks = Isa::kValueChunks;
     int c = 0;
     if constexpr (kMode == kMaskedMode) {  // the last tile holds the top code
-      static_assert(kMaskedIterations % kChunks == 0, "masked tiles: whole words");
-      for (; c + kChunks < kMaskedIterations; c += kChunks) {
-        ValueTile<kRows, kChunks, kMaskedMode>(st, r0, slot0, span, s, b, c);
+      constexpr int kMasked = kRows == 3 ? 3 : kChunks;
+      constexpr int kLast = kMaskedIterations - (kMaskedIterations - 1) / kMasked * kMasked;
+      for (; c + kMasked < kMaskedIterations; c += kMasked) {
+        ValueTile<kRows, kMasked, kMaskedMode>(st, r0, slot0, span, s, b, c);
       }
-      ValueTile<kRows, kChunks, kMaskedTopMode>(st, r0, slot0, span, s, b, c);
+      ValueTile<kRows, kLast, kMaskedTopMode>(st, r0, slot0, span, s, b, c);
       return;
     }
     for (; c + kChunks <= count; c += kChunks) {
