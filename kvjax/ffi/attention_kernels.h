@@ -127,7 +127,9 @@ inline size_t RunScratchBytes(const TierFormat& key, const TierFormat& value, in
   const size_t block = 64, r = rows, lanes = key.lanes + value.lanes;
   const size_t floats = (r + 1) * lanes + 2 * r * block * kMaxSegments + 2 * r +
                         2 * block * kMaxSegments;
-  return 4 * floats + 32 * r + 64 * 16;
+  // Plus one block's folded words (a vector of up to 64 bytes a token) and
+  // 64 bytes of alignment for each of up to 16 arrays.
+  return 4 * floats + 32 * r + 64 * block + 64 * 16;
 }
 
 // The online softmax state of `rows` rows, updated in place by AttendRun.

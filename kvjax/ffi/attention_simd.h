@@ -770,6 +770,7 @@ class ValuePass {
     acc_ = arena->Take<float>(static_cast<size_t>(rows_) * lanes);
     zero_acc_ = arena->Take<float>(rows_);
     factors_ = arena->Take<float>(kBlock * kMaxSegments);
+    words_ = arena->Take<W>(kBlock);
     for (int r = 0; r < rows_; ++r) {
       const float* acc = out.acc + static_cast<int64_t>(r) * lanes;
       for (int i = 0; i < lanes; ++i) acc_[r * lanes + i] = acc[plan_.perm[i]];
@@ -930,6 +931,7 @@ class ValuePass {
           WithWordMode(ls.mode, [&](auto mode) {
             constexpr int kMode = decltype(mode)::value;
             if constexpr (kSymmetric || kMode < kSymmetricMode) {
+              if constexpr (PreloadsWords(kMode)) PreloadWords<kMode>(slot0, span, ls, b);
               ValueBlock<kRows, kMode>(st, r0, slot0, span, s, b);
             }
           });
@@ -937,6 +939,28 @@ class ValuePass {
       }
     } else {
       ValueBlock<kRows, 0>(st, r0, slot0, span, -1, 0);
+    }
+  }
+
+  // Word modes whose words cost more to load than to reload from memory:
+  // symmetric ones are folded, 3-bit ones spread from their byte groups.
+  static constexpr bool PreloadsWords(int mode) {
+    return mode >= kSymmetricMode || mode % kAffineMode == Isa::kThreeBitWords;
+  }
+
+  // Such a block's words of every token the row tile sees, loaded (folded,
+  // spread) once for all its value tiles, each of which reads 2 of the
+  // block's 8 chunks (in every tile, turbo4's folds cost 40 operations a
+  // token). What it reads is copied first: its stores, of a may-alias
+  // vector type, would have the plan reloaded for every token.
+  template <int kMode>
+  void PreloadWords(int64_t slot0, const TileSpan& span, const LutSegment& ls, int b) {
+    const typename Isa::LutBlock block = ls.block[b];
+    const int64_t row_bytes = plan_.f->row_bytes;
+    const uint8_t* row = plan_.RowOf(a_.v, slot0 + span.union_b);
+    W* out = words_;
+    for (int t = span.union_b; t < span.union_e; ++t, row += row_bytes) {
+      out[t] = LoadedWords<kMode, Isa>(Isa::template LutWords<kMode % kAffineMode>(row, block));
     }
   }
 
@@ -1032,7 +1056,7 @@ class ValuePass {
                                 int it0, int c0, V* v) const {
     const int64_t slot = slot0 + t;
     if (kKind == ValueKind::kLut) {
-      const W words = LoadedWords<kMode, Isa>(
+      const W words = PreloadsWords(kMode) ? words_[t] : LoadedWords<kMode, Isa>(
           Isa::template LutWords<kMode % kAffineMode>(plan_.RowOf(a_.v, slot), ls->block[b]));
       if constexpr (kMode == kMaskedMode || kMode == kMaskedTopMode) {
         const int s = static_cast<int>(ls - plan_.segs);
@@ -1058,6 +1082,7 @@ class ValuePass {
   TierPlan<kKind> plan_;
   float *acc_, *zero_acc_, *factors_;
   bool symmetric_ = false;  // a segment in kSymmetricMode
+  W* words_ = nullptr;      // a block's words, loaded once (PreloadWords)
   bool masked_[kMaxSegments] = {};  // segments that may read masked codes
   bool any_masked_ = false, masked_block_ = false;  // masked_block_: this block may
   // Iteration it's codes in place, per segment (kLut formats only).
