@@ -295,6 +295,7 @@ struct TierPlan {
       float* factor = out + s * kBlock;
       int t = 0;
       if (seg.norm_index < 0) {
+        for (; t + L <= n; t += L) Isa::Store(factor + t, Isa::Load(d.scale + slot0 + t));
         for (; t < n; ++t) factor[t] = d.scale[slot0 + t];
       } else if (seg.kappa_index < 0 && f->norm_count <= 2) {
         // The norms as vectors: one or two bf16 per token (bits << 16).
@@ -786,11 +787,16 @@ class ValuePass {
   void Factors(int64_t slot0, int n) {
     plan_.Factors(a_.v, slot0, n, factors_);
     if (!any_masked_) return;
-    masked_block_ = true;
-    for (int t = 0; t < n; ++t) {
-      // Not below the limit, NaN included: codes as numbers (kAffineMode).
-      if (!(std::fabs(a_.v.scale[slot0 + t]) < kMaskedScaleLimit)) masked_block_ = false;
+    // A scale not below the limit, NaN included: codes as numbers (kAffineMode).
+    const float* scale = a_.v.scale + slot0;
+    const V limit = Isa::Set1(kMaskedScaleLimit), one = Isa::Set1(1.0f);
+    V over = Isa::Zero();
+    int t = 0;
+    for (; t + L <= n; t += L) {
+      over = Isa::Select(Isa::Less(Isa::Abs(Isa::Load(scale + t)), limit), over, one);
     }
+    masked_block_ = Isa::ReduceMax(over) == 0.0f;
+    for (; t < n; ++t) masked_block_ = masked_block_ && std::fabs(scale[t]) < kMaskedScaleLimit;
   }
 
   // Row r's weights from its softmax weights p, for the softmax: times each
