@@ -167,7 +167,7 @@ struct Isa {
                          : begin + 32 <= row_bytes ? begin
                          : end >= 32 ? end - 32 : -1;
     const int32_t skip = block->load_offset < 0 ? 0 : (begin - block->load_offset) / 4;
-    alignas(32) int32_t permute[8];
+    alignas(32) int32_t permute[8];  // whole block: lanes 3 and 7 repeat 2 and 6 (unused)
     for (int l = 0; l < 8; ++l) {
       permute[l] = block->load_offset >= 0 ? skip + 3 * (l / 4) + (l % 4 < 2 ? l % 4 : 2)
                                            : l % g.chunk_words;

@@ -127,7 +127,7 @@ inline size_t RunScratchBytes(const TierFormat& key, const TierFormat& value, in
   const size_t block = 64, r = rows, lanes = key.lanes + value.lanes;
   const size_t floats = (r + 1) * lanes + 2 * r * block * kMaxSegments + 2 * r +
                         2 * block * kMaxSegments;
-  // Plus one block's folded words (a vector of up to 64 bytes a token) and
+  // Plus one block's preloaded value words (a vector of up to 64 bytes a token) and
   // 64 bytes of alignment for each of up to 16 arrays.
   return 4 * floats + 32 * r + 64 * block + 64 * 16;
 }
