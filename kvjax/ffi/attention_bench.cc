@@ -6,10 +6,13 @@
 //   cmake --build build --target kvjax_attention_bench
 //   build/kvjax_attention_bench [--tokens N] [--reps R] [--isa NAME|all]
 //                               [--formats NAME,NAME] [--dim D] [--rows R]
+//                               [--shared-kv 0|1]
 //
 // One KV head of D lanes (128; a multiple of 32), R query rows (4: a GQA
 // group of 4; SmolLM2 is --dim 64 --rows 3), one store run of N tokens of
-// random codes. Prints the best nanoseconds per token over R
+// random codes, keys and values in memory of their own as in a cache
+// (--shared-kv 1: values read the keys' bytes, so that a run out of cache
+// streams half the bytes). Prints the best nanoseconds per token over R
 // calls, and their median, one line per variant and format.
 #include <algorithm>
 #include <chrono>
@@ -71,9 +74,42 @@ TierFormat Build(const Format& spec, std::vector<float>* tables) {
 
 }  // namespace
 
+// One tier's memory (codes or floats, scales, zeros, norms) for `tokens`
+// tokens of format f, filled from g.
+struct Tier {
+  std::vector<uint8_t> data;
+  std::vector<float> scale, zero;
+  std::vector<uint16_t> norms;
+
+  Tier(const TierFormat& f, ValueKind kind, int64_t tokens, std::mt19937& g)
+      : data(static_cast<size_t>(tokens) * f.row_bytes),
+        scale(tokens, 0.01f),
+        zero(tokens, -0.05f),
+        norms(static_cast<size_t>(tokens) * std::max(1, f.norm_count), 0x3f80) {
+    for (uint8_t& b : data) b = static_cast<uint8_t>(g());
+    if (kind == ValueKind::kF32) {  // finite floats, not random bits
+      float* x = reinterpret_cast<float*>(data.data());
+      for (int64_t i = 0; i < tokens * dim; ++i) x[i] = 0.01f * static_cast<float>(g() % 100);
+    }
+    if (kind == ValueKind::kBF16) {
+      for (size_t i = 1; i < data.size(); i += 2) data[i] = 0x3f;
+    }
+  }
+
+  kvjax::TierData Data() {
+    kvjax::TierData d{};
+    d.data = data.data();
+    d.scale = scale.data();
+    d.zero = zero.data();
+    d.norms = norms.data();
+    return d;
+  }
+};
+
 int main(int argc, char** argv) {
   int64_t tokens = 8192;
   int reps = 50;
+  bool shared_kv = false;
   std::string isa = "all", names = "all";
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string arg = argv[i];
@@ -83,10 +119,11 @@ int main(int argc, char** argv) {
     else if (arg == "--formats") names = "," + std::string(argv[i + 1]) + ",";
     else if (arg == "--dim") dim = std::atoi(argv[i + 1]);
     else if (arg == "--rows") rows = std::atoi(argv[i + 1]);
+    else if (arg == "--shared-kv") shared_kv = std::atoi(argv[i + 1]) != 0;
     else {
       std::fprintf(stderr,
                    "usage: kvjax_attention_bench [--tokens N] [--reps R] [--isa NAME|all] "
-                   "[--formats NAME,NAME] [--dim D] [--rows R]\n");
+                   "[--formats NAME,NAME] [--dim D] [--rows R] [--shared-kv 0|1]\n");
       return 2;
     }
   }
@@ -120,24 +157,11 @@ int main(int argc, char** argv) {
       tables.reserve(64);
       TierFormat f = Build(spec, &tables);
       f.tables = tables.data();
-      std::vector<uint8_t> data(static_cast<size_t>(tokens) * f.row_bytes);
-      for (uint8_t& b : data) b = static_cast<uint8_t>(g());
-      if (spec.kind == ValueKind::kF32) {  // finite floats, not random bits
-        float* x = reinterpret_cast<float*>(data.data());
-        for (int64_t i = 0; i < tokens * dim; ++i) x[i] = 0.01f * static_cast<float>(g() % 100);
-      }
-      if (spec.kind == ValueKind::kBF16) {
-        for (size_t i = 1; i < data.size(); i += 2) data[i] = 0x3f;
-      }
-      std::vector<float> scale(tokens, 0.01f), zero(tokens, -0.05f);
-      std::vector<uint16_t> norms(static_cast<size_t>(tokens) * std::max(1, f.norm_count), 0x3f80);
+      Tier keys(f, spec.kind, tokens, g), values(f, spec.kind, shared_kv ? 0 : tokens, g);
       kvjax::RunArgs a{};
       a.key_format = a.value_format = &f;
-      a.k.data = data.data();
-      a.k.scale = scale.data();
-      a.k.zero = zero.data();
-      a.k.norms = norms.data();
-      a.v = a.k;
+      a.k = keys.Data();
+      a.v = shared_kv ? a.k : values.Data();
       a.count = tokens;
       a.rows = rows;
       a.q = q.data();
