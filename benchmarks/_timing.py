@@ -28,11 +28,20 @@ def time_steps(step, state, args, *, steps: int) -> tuple[float, object]:
   return (time.perf_counter() - start) / steps, state
 
 
+# Before every timed window: a candidate's background work (XLA:CPU frees a
+# call's buffers after its result is ready) must not land in the next one's
+# window. After `jax.nn.dot_product_attention` at 32k tokens, whose
+# intermediates are hundreds of MB, the next 40 ms of kernel calls ran at
+# half speed; after a 50 ms pause, at full speed.
+SETTLE_SECONDS = 0.1
+
+
 def interleaved(candidates: dict, *, rounds: int, steps: int) -> dict:
   """Median seconds per step of each candidate, measured in alternation.
 
   `candidates` maps a name to `(step, state, args)`; state is threaded
-  through (donated steps consume it).
+  through (donated steps consume it). Every window starts after a pause of
+  SETTLE_SECONDS.
   """
   states = {name: c[1] for name, c in candidates.items()}
   for name, (step, _, args) in candidates.items():  # compile and warm up
@@ -40,6 +49,7 @@ def interleaved(candidates: dict, *, rounds: int, steps: int) -> dict:
   samples = {name: [] for name in candidates}
   for _ in range(rounds):
     for name, (step, _, args) in candidates.items():
+      time.sleep(SETTLE_SECONDS)
       seconds, states[name] = time_steps(step, states[name], args, steps=steps)
       samples[name].append(seconds)
   return {name: statistics.median(s) for name, s in samples.items()}
