@@ -47,8 +47,10 @@ struct Isa {
   using V = __m256;
   using Mask = __m256;  // all-ones lanes
 
-  // An asm statement: GCC deletes loops of __builtin_prefetch alone.
-  static void Prefetch(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p))); }
+  // Asm statements: GCC deletes loops of __builtin_prefetch alone. Near:
+  // into L1; far: into L2 (see AheadRows).
+  static void PrefetchNear(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p))); }
+  static void PrefetchFar(const void* p) { asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p))); }
   static V Load(const float* p) { return _mm256_loadu_ps(p); }
   static void Store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V Zero() { return _mm256_setzero_ps(); }

@@ -26,8 +26,10 @@ struct Isa {
   using V = float32x4_t;
   using Mask = uint32x4_t;
 
-  // An asm statement: GCC deletes loops of __builtin_prefetch alone.
-  static void Prefetch(const void* p) { asm volatile("prfm pldl1keep, %0" : : "Q"(*static_cast<const char*>(p))); }
+  // Asm statements: GCC deletes loops of __builtin_prefetch alone. Near:
+  // into L1; far: into L2 (see AheadRows).
+  static void PrefetchNear(const void* p) { asm volatile("prfm pldl1keep, %0" : : "Q"(*static_cast<const char*>(p))); }
+  static void PrefetchFar(const void* p) { asm volatile("prfm pldl2keep, %0" : : "Q"(*static_cast<const char*>(p))); }
   static V Load(const float* p) { return vld1q_f32(p); }
   static void Store(float* p, V v) { vst1q_f32(p, v); }
   static V Zero() { return vdupq_n_f32(0.0f); }
