@@ -265,6 +265,7 @@ struct Isa {
   }
   // Lane l's mask of its code in place: 15 << (code * 4), for codes below
   // the word's top one (whose mask would hold the sign bit).
+  static Words SetWords(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
   static Words PlanMask(const Segment& seg, int it) {
     alignas(32) int32_t mask[8];
     for (int l = 0; l < 8; ++l) {

@@ -214,6 +214,7 @@ struct Isa {
   static KVJAX_ISA_INLINE V LutLookup(Words words, Words shift, Table table) {
     return _mm512_permutexvar_ps(_mm512_srlv_epi32(words, shift), table);
   }
+  static Words SetWords(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
   static Words PlanMask(const Segment& seg, int it) {
     alignas(64) int32_t mask[16];
     for (int l = 0; l < 16; ++l) {

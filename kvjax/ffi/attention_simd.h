@@ -128,6 +128,16 @@ template <typename I>
 KVJAX_INLINE typename I::V TopCodes(typename I::Words words, typename I::Words shift) {
   return I::LutTopCodes(words, shift);
 }
+// Iteration `it` of a masked segment reads code `it` of every word (full
+// words: LutLane's code is the iteration), so its mask, and the top code's
+// shift, is the same in every lane (what I::PlanMask plans): a constant
+// once the key tile's loop over the iterations unrolls, which instructions
+// read from memory (AVX-512: as a broadcast operand) instead of holding
+// seven masks in registers beside the tile's accumulators, where they spilled.
+template <typename I>
+KVJAX_INLINE typename I::Words UniformMask(int it) {
+  return I::SetWords(it + 1 == kMaskedIterations ? 4u * it : 15u << (4 * it));
+}
 
 // kSymmetricMode words are folded as they load (I::SymmetricWords, once
 // per token and word block), then every chunk is looked up from them
@@ -682,10 +692,11 @@ class KeyPass {
   // masks and the query and row addresses were reloaded, and the masks
   // spilled again, for every tile (q4: 194 key-pass instructions a token,
   // 174 with the copy).
-  // kIterations: the segment's iterations, or 0 (read at run time).
+  // kIterations: the segment's iterations (masked q4, whose masks are
+  // constants: UniformMask), or 0 (read at run time, with the shifts).
   template <int kIterations>
   struct SegmentView {
-    static constexpr int kShifts = kIterations > 0 ? kIterations : kMaxLutIterations;
+    static constexpr int kShifts = kIterations > 0 ? 1 : kMaxLutIterations;
     SegmentView() = default;
     SegmentView(const KeyPass& pass, int r0, int s)
         : ls(&pass.plan_.segs[s]),
@@ -695,14 +706,14 @@ class KeyPass {
           lanes(pass.plan_.lanes),
           blocks(ls->blocks),
           iterations(kIterations > 0 ? kIterations : ls->iterations) {
-      for (int it = 0; it < iterations; ++it) shift[it] = ls->shift[it];
+      for (int it = 0; kIterations == 0 && it < iterations; ++it) shift[it] = ls->shift[it];
     }
     const LutSegment* ls;
     const float* q;  // row r0's lanes of the segment's first chunk
     const uint8_t* data;
     int64_t row_bytes;
     int lanes, blocks, iterations;
-    W shift[kShifts];  // kMaskedMode: the masks, but at the top code
+    W shift[kShifts];  // kIterations == 0: each iteration's shifts
   };
 
   // A segment's dots of one tile into x: each token's words read once per
@@ -722,10 +733,10 @@ class KeyPass {
             Isa::template LutWords<kMode % kAffineMode>(row[j], view.ls->block[b]));
       }
       const float* q_block = view.q + b * view.iterations * L;
-      if constexpr (kIterations > 0) {
+      if constexpr (kIterations > 0) {  // masked q4 (kMaskedMode) alone
 #pragma GCC unroll 8
         for (int it = 0; it < kIterations; ++it) {
-          SegmentChunk<kRows, kMode>(x, words, q_block, view.lanes, view.shift[it],
+          SegmentChunk<kRows, kMode>(x, words, q_block, view.lanes, UniformMask<Isa>(it),
                                      it, it + 1 == kIterations, table);
         }
       } else {
