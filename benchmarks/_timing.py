@@ -32,7 +32,10 @@ def time_steps(step, state, args, *, steps: int) -> tuple[float, object]:
 # call's buffers after its result is ready) must not land in the next one's
 # window. After `jax.nn.dot_product_attention` at 32k tokens, whose
 # intermediates are hundreds of MB, the next 40 ms of kernel calls ran at
-# half speed; after a 50 ms pause, at full speed.
+# half speed (8-12 ms a call instead of 4.6-5.0; after a 50 ms pause,
+# 4.8-5.6). Then one untimed call, so that the window sees the steady state
+# of a decoding loop, not threads waking from the pause (at 1k tokens that
+# first call cost dense attention 1.2 ms and the kernel 0.6).
 SETTLE_SECONDS = 0.1
 
 
@@ -41,7 +44,7 @@ def interleaved(candidates: dict, *, rounds: int, steps: int) -> dict:
 
   `candidates` maps a name to `(step, state, args)`; state is threaded
   through (donated steps consume it). Every window starts after a pause of
-  SETTLE_SECONDS.
+  SETTLE_SECONDS and one untimed step.
   """
   states = {name: c[1] for name, c in candidates.items()}
   for name, (step, _, args) in candidates.items():  # compile and warm up
@@ -50,6 +53,7 @@ def interleaved(candidates: dict, *, rounds: int, steps: int) -> dict:
   for _ in range(rounds):
     for name, (step, _, args) in candidates.items():
       time.sleep(SETTLE_SECONDS)
+      _, states[name] = time_steps(step, states[name], args, steps=1)
       seconds, states[name] = time_steps(step, states[name], args, steps=steps)
       samples[name].append(seconds)
   return {name: statistics.median(s) for name, s in samples.items()}

@@ -263,9 +263,9 @@ struct Isa {
   static KVJAX_ISA_INLINE V LutLookup8(Words words, Words shift, const Table& table) {
     return _mm256_permutevar8x32_ps(table.low, _mm256_srlv_epi32(words, shift));
   }
+  static Words SetWords(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
   // Lane l's mask of its code in place: 15 << (code * 4), for codes below
   // the word's top one (whose mask would hold the sign bit).
-  static Words SetWords(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
   static Words PlanMask(const Segment& seg, int it) {
     alignas(32) int32_t mask[8];
     for (int l = 0; l < 8; ++l) {

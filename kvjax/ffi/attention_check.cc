@@ -147,8 +147,8 @@ Case Draw(std::mt19937& g) {
   std::uniform_real_distribution<float> u01(0, 1);
   std::normal_distribution<float> normal;
   const int heads = 1 + pick(3);
-  const int dims[] = {16, 32, 48, 64, 128, 8, 6, 24};
-  int d = dims[pick(8)];
+  const int dims[] = {16, 32, 48, 64, 128, 8, 6, 24, 256};  // 256: two q4 word blocks
+  int d = dims[pick(9)];
   // Keys and values: the same format half of the time, else each its own.
   const int key_kind = pick(6);
   const bool same = u01(g) < 0.5;

@@ -349,11 +349,11 @@ struct BlockState {
 // for its tokens kAhead later (K and V rows), spread over the block rather
 // than in bursts that fill every line-fill buffer; where those tokens are
 // (the run's end, a paged run's page) is found once per block, with their
-// scales, zeros and norms (a few lines). Rows of up to kNearRowBytes go
-// into L1, wider ones into L2: kAhead tokens of float32 rows (128 KB of K
-// and V at 128 lanes) thrash L1 (Zen 4, 128k tokens out of cache: f32 with
-// AVX2 122 ns a token into L1, 65 into L2), while q4's 16 KB gain there
-// (29.3 -> 27.7 ns).
+// scales, zeros and norms (a few lines), into L1. Rows of up to
+// kNearRowBytes go into L1, wider ones into L2: kAhead tokens of float32
+// rows (128 KB of K and V at 128 lanes) thrash L1 (Zen 4, 128k tokens out
+// of cache: f32 with AVX2 120 ns a token into L1, 67 into L2), while q4's
+// 16 KB gain there (AVX-512: 29.3 -> 27.7 ns).
 constexpr int kAhead = 2 * kBlock;
 constexpr int64_t kNearRowBytes = 128;
 class AheadRows {
@@ -461,7 +461,8 @@ class KeyPass {
   }
 
   // q4 segments in full words read their codes in place (kMaskedMode): each
-  // iteration below the top one gets its mask, and its query lanes 2^-s.
+  // iteration below the top one scales its query lanes by 2^-s (its mask is
+  // a constant of the tiles: UniformMask).
   // (A template on I = Isa: only a variant that masks codes instantiates it.)
   template <typename I>
   void MaskCodes() {
@@ -469,10 +470,8 @@ class KeyPass {
     for (int s = 0; s < plan_.f->num_segments; ++s) {
       if (!plan_.Maskable(s)) continue;
       LutSegment& ls = plan_.segs[s];
-      const Segment& seg = plan_.f->segments[s];
       ls.mode = kMaskedMode;
       for (int it = 0; it + 1 < ls.iterations; ++it) {
-        ls.shift[it] = I::PlanMask(seg, it);
         const float scale = std::ldexp(1.0f, -4 * it);  // full words: lane code = it
         for (int b = 0; b < ls.blocks; ++b) {
           const int lane0 = (ls.first_chunk + b * ls.iterations + it) * L;
