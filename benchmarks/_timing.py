@@ -35,7 +35,7 @@ def time_steps(step, state, args, *, steps: int) -> tuple[float, object]:
 # half speed (8-12 ms a call instead of 4.6-5.0; after a 50 ms pause,
 # 4.8-5.6). Then one untimed call, so that the window sees the steady state
 # of a decoding loop, not threads waking from the pause (at 1k tokens that
-# first call cost dense attention 1.2 ms and the kernel 0.6).
+# first call cost dense attention 1.2-2.1 ms and the kernel 0.6-1.1).
 SETTLE_SECONDS = 0.1
 
 

@@ -264,17 +264,6 @@ struct Isa {
     return _mm256_permutevar8x32_ps(table.low, _mm256_srlv_epi32(words, shift));
   }
   static Words SetWords(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
-  // Lane l's mask of its code in place: 15 << (code * 4), for codes below
-  // the word's top one (whose mask would hold the sign bit).
-  static Words PlanMask(const Segment& seg, int it) {
-    alignas(32) int32_t mask[8];
-    for (int l = 0; l < 8; ++l) {
-      int word, code;
-      LutLane(seg, 8, it, l, &word, &code);
-      mask[l] = 15 << (code * seg.bits);
-    }
-    return _mm256_load_si256(reinterpret_cast<const __m256i*>(mask));
-  }
   // A q4 code in place: c 2^s, exact (mask and convert, 2 ops).
   static KVJAX_ISA_INLINE V LutMaskedCodes(Words words, Words mask) {
     return _mm256_cvtepi32_ps(_mm256_and_si256(words, mask));

@@ -2,7 +2,7 @@
 // token's codes up in its 16-entry value table with one permute per 16 lanes
 // (vpermps), after one variable shift puts each lane's code in the low bits
 // of its word (attention_format.h, LutGeometry; PlanBlock, PlanShift); q4's
-// codes are masked in place instead, as with AVX2 (PlanMask; 2 operations
+// codes are masked in place instead, as with AVX2 (UniformMask; 2 operations
 // a chunk, as the lookup; the lookup had been measured against shift, mask
 // and convert, 3): on Zen 4, one thread, q4 26.8 -> 25.9 ns a token.
 #include <immintrin.h>
@@ -215,15 +215,6 @@ struct Isa {
     return _mm512_permutexvar_ps(_mm512_srlv_epi32(words, shift), table);
   }
   static Words SetWords(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
-  static Words PlanMask(const Segment& seg, int it) {
-    alignas(64) int32_t mask[16];
-    for (int l = 0; l < 16; ++l) {
-      int word, code;
-      LutLane(seg, 16, it, l, &word, &code);
-      mask[l] = 15 << (code * seg.bits);
-    }
-    return _mm512_load_si512(mask);
-  }
   // A q4 code in place: c 2^s, exact (mask and convert, 2 ops).
   static KVJAX_ISA_INLINE V LutMaskedCodes(Words words, Words mask) {
     return _mm512_cvtepi32_ps(_mm512_and_si512(words, mask));
