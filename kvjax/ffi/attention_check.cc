@@ -157,7 +157,10 @@ Case Draw(std::mt19937& g) {
   const int group = 1 + pick(4);
   const int n_q = 1 + pick(4);
   const int rows = group * n_q;
-  const int sinks = pick(3), tail_slots = 2 + pick(12), store_slots = 8 + pick(200);
+  // A quarter of the stores span several blocks of a run (kAttendBlockTokens).
+  const int long_store = u01(g) < 0.25;
+  const int sinks = pick(3), tail_slots = 2 + pick(12),
+            store_slots = 8 + pick(long_store ? 3 * kAttendBlockTokens : 200);
   const double bad = u01(g) < 0.3 ? 0.002 : 0.0;
 
   c.hot.kind = static_cast<ValueKind>(pick(3));

@@ -174,7 +174,7 @@ struct LutSegment {
   typename Isa::Words shift[kMaxLutIterations];
 };
 
-constexpr int kBlock = 64;  // tokens per block: a multiple of Isa::kLanes
+constexpr int kBlock = kAttendBlockTokens;
 
 // A kLut segment's word mode as a type, for one instantiation per mode.
 template <int kMode>
@@ -354,7 +354,7 @@ struct BlockState {
 // rows (128 KB of K and V at 128 lanes) thrash L1 (Zen 4, 128k tokens out
 // of cache: f32 with AVX2 120 ns a token into L1, 67 into L2), while q4's
 // 16 KB gain there (AVX-512: 29.3 -> 27.7 ns).
-constexpr int kAhead = 2 * kBlock;
+constexpr int kAhead = 128;  // tokens, whatever kBlock is
 constexpr int64_t kNearRowBytes = 128;
 class AheadRows {
  public:
