@@ -178,11 +178,9 @@ struct Isa {
   }
   static Words PlanShift(const Segment& seg, int it) {
     alignas(32) int32_t shift[8];
-    for (int l = 0; l < 8; ++l) {
-      int word, code;
-      LutLane(seg, 8, it, l, &word, &code);
-      shift[l] = code * seg.bits;
-    }
+    int codes[8];
+    LutLaneCodes(seg, 8, it, codes);
+    for (int l = 0; l < 8; ++l) shift[l] = codes[l] * seg.bits;
     return _mm256_load_si256(reinterpret_cast<const __m256i*>(shift));
   }
   enum { kFullWords, kRepeatedWords, kThreeBitWords };

@@ -165,11 +165,9 @@ struct Isa {
   }
   static Words PlanShift(const Segment& seg, int it) {
     alignas(64) int32_t shift[16];
-    for (int l = 0; l < 16; ++l) {
-      int word, code;
-      LutLane(seg, 16, it, l, &word, &code);
-      shift[l] = code * seg.bits;
-    }
+    int codes[16];
+    LutLaneCodes(seg, 16, it, codes);
+    for (int l = 0; l < 16; ++l) shift[l] = codes[l] * seg.bits;
     return _mm512_load_si512(shift);
   }
   enum { kFullWords, kRepeatedWords, kThreeBitWords };

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace kvjax {
@@ -17,6 +18,27 @@ constexpr int64_t kMinItemTokens = 512;
 // Items per thread to aim for, so that threads claiming them one at a time
 // finish together.
 constexpr int64_t kItemsPerThread = 8;
+
+// Partials (floats) below which the caller merges them alone.
+constexpr int64_t kMinPoolMergeFloats = int64_t{1} << 16;
+
+// A pool thread's working memory for its items, kept across calls.
+struct ThreadBuffers {
+  std::vector<uint8_t> flags;
+  std::vector<TierData> pages_k, pages_v;
+  std::unique_ptr<uint8_t[]> memory;  // not zeroed: a run initializes what it reads
+  size_t bytes = 0;
+
+  // At least `bytes` bytes, 64-byte aligned.
+  void* Scratch(size_t need) {
+    if (need + 64 > bytes) {
+      bytes = need + 64;
+      memory.reset(new uint8_t[bytes]);
+    }
+    const uintptr_t base = reinterpret_cast<uintptr_t>(memory.get());
+    return memory.get() + (64 - base % 64) % 64;
+  }
+};
 
 struct Item {
   int64_t sequence;
@@ -149,10 +171,15 @@ void RunAttend(const AttendProblem& p, AttendRunFn run, int threads,
   const size_t run_bytes = std::max(RunScratchBytes(p.hot, p.hot, rows),
                                     RunScratchBytes(p.store_key, p.store_value, rows));
   parallel(static_cast<int64_t>(items.size()), [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> flags(2 * rows);
-    std::vector<TierData> pages_k, pages_v;
-    std::vector<uint8_t> memory(run_bytes + 64);
-    void* aligned = memory.data() + (64 - reinterpret_cast<uintptr_t>(memory.data()) % 64) % 64;
+    // Each claim is one item: a thread's buffers outlive the call (a fresh
+    // zeroed scratch per item was about 60 KB allocated and cleared for
+    // every item, with 256-token blocks).
+    thread_local ThreadBuffers buffers;
+    std::vector<uint8_t>& flags = buffers.flags;
+    std::vector<TierData>& pages_k = buffers.pages_k;
+    std::vector<TierData>& pages_v = buffers.pages_v;
+    flags.resize(2 * rows);
+    void* aligned = buffers.Scratch(run_bytes);
     for (int64_t i = begin; i < end; ++i) {
       const Item& item = items[i];
       const SequenceView& seq = p.sequences[item.sequence];
@@ -203,8 +230,9 @@ void RunAttend(const AttendProblem& p, AttendRunFn run, int threads,
     }
   });
 
-  // Merge the items of each (sequence, head) and write its outputs.
-  parallel(p.num_sequences * p.heads, [&](int64_t begin, int64_t end) {
+  // Merge the items of each (sequence, head) and write its outputs: on the
+  // pool only where there is enough to merge to pay for waking it.
+  const auto merge = [&](int64_t begin, int64_t end) {
     for (int64_t sh = begin; sh < end; ++sh) {
       const int64_t s = sh / p.heads;
       const int h = static_cast<int>(sh % p.heads);
@@ -250,7 +278,12 @@ void RunAttend(const AttendProblem& p, AttendRunFn run, int threads,
         for (int c = 0; c < store_lanes; ++c) store_row[c] /= denom;
       }
     }
-  });
+  };
+  if (scratch < kMinPoolMergeFloats) {
+    merge(0, p.num_sequences * p.heads);
+  } else {
+    parallel(p.num_sequences * p.heads, merge);
+  }
 }
 
 }  // namespace kvjax

@@ -118,20 +118,35 @@ inline bool LutFits(const Segment& seg, int lanes) {
   return g.per_word >= lanes / g.chunk_words;  // enough codes for the repeats
 }
 
-// The word and code that lane l of chunk c of a segment reads.
-inline void LutLane(const Segment& seg, int lanes, int c, int l, int* word, int* code) {
+// Lane l = r * chunk_words + w of chunk c = block * iterations + it reads
+// word lanes * block + w, code it * repeats + r (repeats = lanes /
+// chunk_words). Filled by loops, without a division a lane: plans are made
+// per run, and the divisions were half of a short q4 run's setup.
+
+// The code (within its word) that each lane of iteration `it` reads: codes[lanes].
+inline void LutLaneCodes(const Segment& seg, int lanes, int it, int* codes) {
   const LutGeometry g = LutGeometryOf(seg, lanes);
   const int repeats = lanes / g.chunk_words;
-  const int block = c / g.iterations, it = c % g.iterations;
-  *word = lanes * block + l % g.chunk_words;
-  *code = it * repeats + l / g.chunk_words;
+  for (int r = 0, l = 0; r < repeats; ++r) {
+    for (int w = 0; w < g.chunk_words; ++w) codes[l++] = it * repeats + r;
+  }
 }
 
-// The natural channel (within its segment) of a segment's kernel lane.
-inline int LutChannel(const Segment& seg, int lanes, int lane) {
-  int word, code;
-  LutLane(seg, lanes, lane / lanes, lane % lanes, &word, &code);
-  return word * LutGeometryOf(seg, lanes).per_word + code;
+// The natural channel (within its segment) of each of its kernel lanes:
+// channel[seg.channels].
+inline void LutChannels(const Segment& seg, int lanes, int* channel) {
+  const LutGeometry g = LutGeometryOf(seg, lanes);
+  const int repeats = lanes / g.chunk_words, blocks = seg.channels / lanes / g.iterations;
+  int i = 0;
+  for (int block = 0; block < blocks; ++block) {
+    for (int it = 0; it < g.iterations; ++it) {
+      for (int r = 0; r < repeats; ++r) {
+        for (int w = 0; w < g.chunk_words; ++w) {
+          channel[i++] = (lanes * block + w) * g.per_word + it * repeats + r;
+        }
+      }
+    }
+  }
 }
 
 // One token of a tier decoded to `f.lanes` floats in natural lane order.

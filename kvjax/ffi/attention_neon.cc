@@ -123,11 +123,9 @@ struct Isa {
   }
   static Words PlanShift(const Segment& seg, int it) {
     uint32_t shift[4];
-    for (int l = 0; l < 4; ++l) {
-      int word, code;
-      LutLane(seg, 4, it, l, &word, &code);
-      shift[l] = static_cast<uint32_t>(-code * seg.bits);  // vshlq: negative = right
-    }
+    int codes[4];
+    LutLaneCodes(seg, 4, it, codes);
+    for (int l = 0; l < 4; ++l) shift[l] = static_cast<uint32_t>(-codes[l] * seg.bits);  // vshlq: negative = right
     return vld1q_u32(shift);
   }
   enum { kFullWords, kRepeatedWords, kThreeBitWords };  // one gather for all

@@ -129,7 +129,7 @@ KVJAX_INLINE typename I::V TopCodes(typename I::Words words, typename I::Words s
   return I::LutTopCodes(words, shift);
 }
 // Iteration `it` of a masked segment reads code `it` of every word (full
-// words: LutLane's code is the iteration), so its mask, 15 << 4 it, and the
+// words: LutLaneCodes' code is the iteration), so its mask, 15 << 4 it, and the
 // top code's shift are the same in every lane and in every such segment.
 // In the key tiles, whose loop over the iterations unrolls, a constant
 // rather than a copy in the tile's view (7 masks beside 16 accumulators
@@ -215,6 +215,7 @@ struct TierPlan {
   const TierFormat* f = nullptr;
   int lanes = 0, chunks = 0;
   int* perm = nullptr;  // lane i of the kernel holds natural lane perm[i]
+  bool identity = true;  // perm[i] == i (all but kLut formats)
   bool affine = false;  // q8, q4: values c * scale + zero (q4's table is 0..15)
   LutSegment segs[kMaxSegments];
   float base[kMaxSegments][16] = {};
@@ -227,12 +228,12 @@ struct TierPlan {
     for (int i = 0; i < lanes; ++i) perm[i] = i;
     affine = kKind == ValueKind::kQ8;
     if (kKind != ValueKind::kLut) return;
+    identity = false;
     affine = format.segments[0].norm_index < 0;
     for (int s = 0; s < format.num_segments; ++s) {
       const Segment& seg = format.segments[s];
-      for (int i = 0; i < seg.channels; ++i) {
-        perm[seg.lane_offset + i] = seg.lane_offset + LutChannel(seg, L, i);
-      }
+      LutChannels(seg, L, perm + seg.lane_offset);
+      for (int i = 0; i < seg.channels; ++i) perm[seg.lane_offset + i] += seg.lane_offset;
       const LutGeometry g = LutGeometryOf(seg, L);
       LutSegment& ls = segs[s];
       ls.first_chunk = seg.lane_offset / L;
@@ -250,6 +251,23 @@ struct TierPlan {
                                         : format.tables[seg.table_offset + i % (1 << seg.bits)];
       }
     }
+  }
+
+  // `lanes` floats from natural order into the kernel's (as a run starts)
+  // and back plus `add` (as it ends): copies where the order is natural.
+  void ToKernelOrder(const float* natural, float* kernel) const {
+    if (identity) {
+      std::memcpy(kernel, natural, sizeof(float) * lanes);
+      return;
+    }
+    for (int i = 0; i < lanes; ++i) kernel[i] = natural[perm[i]];
+  }
+  void ToNaturalOrder(const float* kernel, float add, float* natural) const {
+    if (identity) {
+      for (int i = 0; i < lanes; ++i) natural[i] = kernel[i] + add;
+      return;
+    }
+    for (int i = 0; i < lanes; ++i) natural[perm[i]] = kernel[i] + add;
   }
 
   // Entry 15 - c is entry c with its sign bit flipped, for every c: so
@@ -442,11 +460,12 @@ class KeyPass {
     fused_ = kKind == ValueKind::kLut && plan_.f->num_segments > 1 && !plan_.affine;
     for (int r = 0; r < rows_; ++r) {
       const float* q = a.q + static_cast<int64_t>(r) * lanes;
-      q_sum_[r] = 0.0f;
-      for (int i = 0; i < lanes; ++i) {
-        q_[r * lanes + i] = q[plan_.perm[i]];
-        if (plan_.affine) q_sum_[r] += q[i];  // q4: logits s (q . c) + z sum(q)
-      }
+      plan_.ToKernelOrder(q, q_ + r * lanes);
+      // q8, q4: logits s (q . c) + z sum(q), the sum in vectors (one serial
+      // chain of `lanes` adds was 0.5 us of a run's start, 4 rows).
+      V sum = Isa::Zero();
+      for (int c = 0; plan_.affine && c < plan_.chunks; ++c) sum = Isa::Add(sum, Isa::Load(q + c * L));
+      q_sum_[r] = plan_.affine ? Isa::ReduceAdd(sum) : 0.0f;
     }
     if constexpr (Isa::kMaskedCodes) MaskCodes<Isa>();
     if constexpr (Isa::kSymmetricLookup) plan_.MarkSymmetric();
@@ -802,7 +821,7 @@ class ValuePass {
     if (preloads) words_ = arena->Take<W>(kBlock);
     for (int r = 0; r < rows_; ++r) {
       const float* acc = out.acc + static_cast<int64_t>(r) * lanes;
-      for (int i = 0; i < lanes; ++i) acc_[r * lanes + i] = acc[plan_.perm[i]];
+      plan_.ToKernelOrder(acc, acc_ + r * lanes);
       zero_acc_[r] = 0.0f;
     }
   }
@@ -887,7 +906,7 @@ class ValuePass {
     const int lanes = plan_.lanes;
     for (int r = 0; r < rows_; ++r) {
       float* acc = out_.acc + static_cast<int64_t>(r) * lanes;
-      for (int i = 0; i < lanes; ++i) acc[plan_.perm[i]] = acc_[r * lanes + i] + zero_acc_[r];
+      plan_.ToNaturalOrder(acc_ + r * lanes, zero_acc_[r], acc);
     }
   }
 
