@@ -102,8 +102,9 @@ constexpr int kMaskedMode = Isa::kFullWords + 2 * kAffineMode;
 // its words load as kMaskedMode's, in full: the mode modulo kAffineMode).
 constexpr int kMaskedTopMode = kMaskedMode + kAffineMode;
 // Masked values sum c 2^s w over a block: exact, and without overflow while
-// every scale of the block is below this (64 x 15 x 2^28 x 2^88 < 2^127).
-constexpr float kMaskedScaleLimit = 0x1p88f;
+// every scale of the block is below this (256 x 15 x 2^28 x 2^86 < 2^127;
+// kBlock is defined below, and checked against this there).
+constexpr float kMaskedScaleLimit = 0x1p86f;
 // 2^(-4 it): what a masked code of iteration it is multiplied by.
 constexpr float MaskedUnit(int it) { return it == 0 ? 1.0f : 0.0625f * MaskedUnit(it - 1); }
 // Added to a 4-bit segment's word mode (full or repeated words) where
@@ -175,6 +176,7 @@ struct LutSegment {
 };
 
 constexpr int kBlock = kAttendBlockTokens;
+static_assert(kBlock <= 256, "kMaskedScaleLimit bounds sums of 256 tokens");
 
 // A kLut segment's word mode as a type, for one instantiation per mode.
 template <int kMode>
