@@ -129,12 +129,16 @@ struct RunArgs {
   void* scratch;
 };
 
+// A block's planes of logits (keys) or weights (values) of a run in this
+// format: one per kLut segment, at least one.
+inline int BlockPlanes(const TierFormat& f) { return f.num_segments > 1 ? f.num_segments : 1; }
+
 // Scratch bytes a run of `rows` rows over keys and values in these formats
 // may use.
 inline size_t RunScratchBytes(const TierFormat& key, const TierFormat& value, int rows) {
   const size_t block = kAttendBlockTokens, r = rows, lanes = key.lanes + value.lanes;
-  const size_t floats = (r + 1) * lanes + 2 * r * block * kMaxSegments + 2 * r +
-                        2 * block * kMaxSegments;
+  const size_t planes = BlockPlanes(key) + BlockPlanes(value);
+  const size_t floats = (r + 1) * lanes + r * block * planes + 2 * r + 2 * block * kMaxSegments;
   // Plus one block's preloaded value words (a vector of up to 64 bytes a token) and
   // 64 bytes of alignment for each of up to 16 arrays.
   return 4 * floats + 32 * r + 64 * block + 64 * 16;

@@ -1158,10 +1158,11 @@ class SimdRun {
         values_(args_, out, arena) {
     st_.rows = rows_;
     st_.row = arena->Take<RowSpan>(rows_);
-    const size_t plane = static_cast<size_t>(rows_) * kBlock * kMaxSegments;
-    st_.scores = arena->Take<float>(plane);
-    st_.weights = arena->Take<float>(plane);
-    for (size_t i = 0; i < plane; ++i) st_.scores[i] = 0.0f;
+    const size_t plane = static_cast<size_t>(rows_) * kBlock;
+    const size_t scores = plane * BlockPlanes(*a.key_format);
+    st_.scores = arena->Take<float>(scores);
+    st_.weights = arena->Take<float>(plane * BlockPlanes(*a.value_format));
+    for (size_t i = 0; i < scores; ++i) st_.scores[i] = 0.0f;
   }
 
   void Run() {
