@@ -32,6 +32,7 @@ struct Isa {
   // Tokens per key tile of `rows` rows: one vector of dots.
   static constexpr int TileTokens(int rows, bool /*lut*/) { return kLanes / rows; }
   static constexpr bool kMaskedCodes = true;  // q4: mask and convert, 2 ops as the lookup
+  static constexpr bool kMaskedBytes = true;  // q8 keys: KeyPass::MaskBytes
   static constexpr bool kSymmetricLookup = false;  // one permute reads 16 entries
   // Value chunks per tile: 4 rows x 4 chunks of accumulators fit its 32 registers.
   static constexpr int kValueChunks = 4;
@@ -212,6 +213,7 @@ struct Isa {
   static KVJAX_ISA_INLINE V LutLookup(Words words, Words shift, Table table) {
     return _mm512_permutexvar_ps(_mm512_srlv_epi32(words, shift), table);
   }
+  static Words LoadWords(const uint8_t* p) { return _mm512_loadu_si512(p); }
   static Words SetWords(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
   // A q4 code in place: c 2^s, exact (mask and convert, 2 ops).
   static KVJAX_ISA_INLINE V LutMaskedCodes(Words words, Words mask) {

@@ -20,6 +20,7 @@ struct Isa {
   // Tokens per key tile of `rows` rows: one vector of dots.
   static constexpr int TileTokens(int rows, bool /*lut*/) { return kLanes / rows; }
   static constexpr bool kMaskedCodes = false;
+  static constexpr bool kMaskedBytes = false;
   static constexpr bool kSymmetricLookup = false;  // one tbl reads 16 entries
   // Value chunks per tile: 4 rows x 4 chunks of accumulators fit its 32 registers.
   static constexpr int kValueChunks = 4;
