@@ -40,6 +40,26 @@ def test_every_format_within_tolerance_of_the_reference():
 
 
 @needs_ffi
+@pytest.mark.parametrize("store, head_dim", [("q4", 64), (("q8", "turbo3.5"), 128)])
+def test_runs_of_several_blocks_within_tolerance(store, head_dim):
+  # Store runs of up to ~690 tokens: items of 512 tokens and more span
+  # several of the kernel's 256-token blocks (the online softmax carried
+  # from block to block, whole-block fast paths, masked q4 values and q8
+  # keys read in place), which the other cases' 160-slot rings never reach.
+  cache = attention_check.filled(store, head_dim=head_dim, hot_dtype="bfloat16",
+                                 capacity=700, n=760, seed=7)
+  length = int(cache.length)
+  rng = np.random.default_rng(8)
+  for n_q, window in ((1, None), (3, 300)):
+    q = rng.normal(size=(n_q, 8, head_dim)).astype(np.float32)
+    q_pos = np.arange(length - n_q, length, dtype=np.int32)
+    kw = {} if window is None else {"window": window}
+    got = attention_check.attend(cache, q, q_pos, kw, "ffi")
+    want = attention_check.reference_attend(cache, q, q_pos, **kw)
+    assert attention_check.relative_error(got, want) <= attention_check.TOLERANCE, (store, n_q)
+
+
+@needs_ffi
 def test_agrees_with_the_jnp_path():
   # One cache holds both kinds of store the jnp path decodes differently:
   # affine keys and TurboQuant values.

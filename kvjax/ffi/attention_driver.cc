@@ -8,6 +8,20 @@
 #include <memory>
 #include <vector>
 
+#if defined(__SANITIZE_ADDRESS__)
+#define KVJAX_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define KVJAX_ASAN 1
+#endif
+#endif
+#ifndef KVJAX_ASAN
+#define KVJAX_ASAN 0
+#endif
+#if KVJAX_ASAN
+#include <sanitizer/asan_interface.h>
+#endif
+
 namespace kvjax {
 namespace {
 
@@ -27,28 +41,48 @@ constexpr int64_t kMinPoolMergeFloats = int64_t{1} << 16;
 // and more, given back after each item.
 constexpr size_t kKeptScratchBytes = size_t{1} << 20;
 
-// A pool thread's working memory for its items, kept across calls.
+// A pool thread's working memory for its items, kept across calls. Not
+// zeroed: a run uses only what it wrote (it may load vector lanes past a
+// block's end, which selects and masks drop). Sanitized builds check both:
+// each run's scratch is filled with 0xFF bytes (NaN floats), and the bytes
+// past what it may use are poisoned, as an allocation of its own size was.
 struct ThreadBuffers {
   std::vector<uint8_t> flags;
   std::vector<TierData> pages_k, pages_v;
-  std::unique_ptr<uint8_t[]> memory;  // not zeroed: a run initializes what it reads
+  std::unique_ptr<uint8_t[]> memory;
   size_t bytes = 0;
 
-  // At least `bytes` bytes, 64-byte aligned.
+  // `need` bytes, 64-byte aligned.
   void* Scratch(size_t need) {
     if (need + 64 > bytes) {
+      Unpoison();
       bytes = need + 64;
       memory.reset(new uint8_t[bytes]);
     }
     const uintptr_t base = reinterpret_cast<uintptr_t>(memory.get());
-    return memory.get() + (64 - base % 64) % 64;
+    uint8_t* aligned = memory.get() + (64 - base % 64) % 64;
+#if KVJAX_ASAN
+    Unpoison();
+    std::memset(aligned, 0xFF, need);
+    ASAN_POISON_MEMORY_REGION(aligned + need, memory.get() + bytes - (aligned + need));
+#endif
+    return aligned;
   }
   // Frees the scratch if it is larger than a thread keeps.
   void Trim() {
     if (bytes > kKeptScratchBytes) {
+      Unpoison();
       memory.reset();
       bytes = 0;
     }
+  }
+  ~ThreadBuffers() { Unpoison(); }
+
+ private:
+  void Unpoison() {
+#if KVJAX_ASAN
+    if (memory) ASAN_UNPOISON_MEMORY_REGION(memory.get(), bytes);
+#endif
   }
 };
 

@@ -75,7 +75,7 @@ constexpr int kMaxSegments = 4;
 // correction, the value accumulators' loads and stores) is about 560 cycles,
 // so 64-token blocks spent 2 ns a token on it (Zen 4, AVX-512, one thread,
 // 4k tokens: q4 25.6 -> 23.7 ns at 256, 23.4 at 512; 256 keeps a block's
-// logits and weights of 4 rows in 32 KB).
+// logits and weights of 4 rows in 8 KB for q4, one plane each).
 constexpr int kAttendBlockTokens = 256;
 
 // A tier's format. `lanes` is the accumulator width A (D, or 2D for the
