@@ -217,9 +217,8 @@ void RunAttend(const AttendProblem& p, AttendRunFn run, int threads,
   const size_t run_bytes = std::max(RunScratchBytes(p.hot, p.hot, rows),
                                     RunScratchBytes(p.store_key, p.store_value, rows));
   parallel(static_cast<int64_t>(items.size()), [&](int64_t begin, int64_t end) {
-    // Each claim is one item: a thread's buffers outlive the call (a fresh
-    // zeroed scratch per item was about 60 KB allocated and cleared for
-    // every item, with 256-token blocks).
+    // Each claim is one item: a thread's buffers outlive the call, instead
+    // of a scratch allocated and zeroed for every item.
     thread_local ThreadBuffers buffers;
     std::vector<uint8_t>& flags = buffers.flags;
     std::vector<TierData>& pages_k = buffers.pages_k;

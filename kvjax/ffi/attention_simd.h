@@ -217,7 +217,7 @@ struct TierPlan {
   const TierFormat* f = nullptr;
   int lanes = 0, chunks = 0;
   int* perm = nullptr;  // lane i of the kernel holds natural lane perm[i]
-  bool identity = true;  // perm[i] == i (all but kLut formats)
+  static constexpr bool kNaturalOrder = kKind != ValueKind::kLut;  // perm[i] == i
   bool affine = false;  // q8, q4: values c * scale + zero (q4's table is 0..15)
   LutSegment segs[kMaxSegments];
   float base[kMaxSegments][16] = {};
@@ -230,7 +230,6 @@ struct TierPlan {
     for (int i = 0; i < lanes; ++i) perm[i] = i;
     affine = kKind == ValueKind::kQ8;
     if (kKind != ValueKind::kLut) return;
-    identity = false;
     affine = format.segments[0].norm_index < 0;
     for (int s = 0; s < format.num_segments; ++s) {
       const Segment& seg = format.segments[s];
@@ -258,14 +257,14 @@ struct TierPlan {
   // `lanes` floats from natural order into the kernel's (as a run starts)
   // and back plus `add` (as it ends): copies where the order is natural.
   void ToKernelOrder(const float* natural, float* kernel) const {
-    if (identity) {
+    if constexpr (kNaturalOrder) {
       std::memcpy(kernel, natural, sizeof(float) * lanes);
       return;
     }
     for (int i = 0; i < lanes; ++i) kernel[i] = natural[perm[i]];
   }
   void ToNaturalOrder(const float* kernel, float add, float* natural) const {
-    if (identity) {
+    if constexpr (kNaturalOrder) {
       for (int i = 0; i < lanes; ++i) natural[i] = kernel[i] + add;
       return;
     }
